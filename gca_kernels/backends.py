@@ -1,0 +1,147 @@
+"""Backend registry and selection.
+
+Each fused backend module calls :func:`register_backend` when imported. The loader below
+imports them lazily inside try/except, so a machine without triton or without the compiled
+extension still imports ``gca_kernels`` and falls back to ``eager``. Why a backend failed to
+load is kept and shown when somebody forces that backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+BACKEND_NAMES = ("eager", "triton", "cuda", "cpp")
+# Preference of backend="auto", per device type: fastest correct first.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "eager"), "cpu": ("cpp", "eager")}
+# Modules that register the fused backends (imported on first use).
+_BACKEND_MODULES = {
+    "triton": ("gca_kernels.ops.triton_gca", "gca_kernels.ops.triton_cosine"),
+    "cpp": ("gca_kernels.ops.cpp",),
+    "cuda": ("gca_kernels.ops.cpp",),
+}
+
+
+class GCAParams(NamedTuple):
+    wq: Tensor
+    bq: Tensor
+    wk: Tensor
+    bk: Tensor
+    wv: Tensor
+    bv: Tensor
+    wo: Tensor
+    bo: Tensor
+    w1: Tensor
+    b1: Tensor
+    w2: Tensor
+    b2: Tensor
+    ln_w: Optional[Tensor]
+    ln_b: Optional[Tensor]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    gca_fn: Callable
+    cosine_fn: Callable
+    supports: Callable[[torch.device, torch.dtype], Optional[str]]
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend is not installed or cannot serve the given tensors."""
+
+
+_REGISTRY: Dict[str, Backend] = {}
+_LOAD_ERRORS: Dict[str, str] = {}
+_loaded = False
+
+
+def register_backend(name: str, *, gca_fn: Callable, cosine_fn: Callable, supports: Callable) -> None:
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend name must be one of {BACKEND_NAMES}, got {name!r}")
+    _REGISTRY[name] = Backend(name, gca_fn, cosine_fn, supports)
+
+
+def _eager_backend() -> Backend:
+    from gca_kernels import reference
+
+    def gca_fn(x_a, x_b, p: GCAParams, key_padding_mask, attn_mask, n_heads, activation, ln_eps):
+        return reference.gated_cross_attention_ref(
+            x_a, x_b, *p[:12], ln_w=p.ln_w, ln_b=p.ln_b, key_padding_mask=key_padding_mask,
+            attn_mask=attn_mask, n_heads=n_heads, activation=activation, ln_eps=ln_eps)
+
+    return Backend("eager", gca_fn, reference.cosine_alignment_ref, lambda device, dtype: None)
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    _REGISTRY["eager"] = _eager_backend()
+    for name, modules in _BACKEND_MODULES.items():
+        for mod in modules:
+            try:
+                importlib.import_module(mod)
+            except Exception as exc:  # a missing optional dependency must not break import
+                _LOAD_ERRORS.setdefault(name, f"{mod}: {type(exc).__name__}: {exc}")
+        if name not in _REGISTRY and name not in _LOAD_ERRORS:
+            _LOAD_ERRORS[name] = "its module loaded but did not register it (not built for this machine)"
+
+
+def available_backends() -> List[str]:
+    """Backends installed on this machine, in :data:`BACKEND_NAMES` order."""
+    _load_all()
+    return [n for n in BACKEND_NAMES if n in _REGISTRY]
+
+
+def get_backend(name: str) -> Backend:
+    _load_all()
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {list(BACKEND_NAMES)}, got {name!r}")
+    if name not in _REGISTRY:
+        why = _LOAD_ERRORS.get(name, "not registered")
+        raise BackendUnavailableError(
+            f"GCA backend {name!r} is not available: {why}. Available: {available_backends()}. "
+            + _HOW_TO_BUILD.get(name, ""))
+    return _REGISTRY[name]
+
+
+_HOW_TO_BUILD = {
+    "triton": "Install triton (pip install triton) on a machine with a CUDA GPU "
+              "(or set TRITON_INTERPRET=1 before importing to run it on the CPU, slowly).",
+    "cpp": "Rebuild with a C++ compiler present: pip install --no-build-isolation .",
+    "cuda": "Rebuild with nvcc and a CUDA-enabled torch present: pip install --no-build-isolation .",
+}
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    # On the CPU Triton kernels only run in its interpreter.
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The backend serving tensors on ``device`` of ``dtype``.
+
+    ``"auto"`` (or ``GCA_BACKEND`` when set) picks the first backend of :data:`AUTO_ORDER`
+    able to serve; a forced backend that cannot serve raises and says why.
+    """
+    if backend == "auto":
+        backend = os.environ.get("GCA_BACKEND", "auto") or "auto"
+    if backend != "auto":
+        b = get_backend(backend)
+        why = b.supports(device, dtype)
+        if why is not None:
+            raise BackendUnavailableError(f"GCA backend {backend!r} cannot serve this call: {why}")
+        return b
+    _load_all()
+    for name in AUTO_ORDER.get(device.type, ("eager",)):
+        b = _REGISTRY.get(name)
+        if b is not None and b.supports(device, dtype) is None:
+            return b
+    return _REGISTRY["eager"]

@@ -1,0 +1,1 @@
+"""Fused backends. Each module registers itself with ``gca_kernels.backends`` on import."""
