@@ -1,0 +1,140 @@
+"""The interface every backbone implements, and helpers they share.
+
+A model is built from the two domains' item counts and a plain config dict; the pipeline
+passes the whole run config, and each model reads the keys of its `default_config()` (which
+also tells the CLI which `--set key=value` overrides are valid). Batches are dicts of
+LongTensors laid out as the team brief's "Pipeline <-> models interface" describes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Tuple
+
+import torch
+from torch import Tensor, nn
+
+GCA_ACTIVATIONS = ("sigmoid", "tanh")
+
+
+class Recommender(nn.Module):
+    name = "base"
+    # GCA insertion points the model offers (GCA[i] for i in gca_slots).
+    gca_slots: Tuple[int, ...] = ()
+
+    @classmethod
+    def default_config(cls) -> Dict[str, Any]:
+        """Hyper-parameters with their defaults; subclasses extend this dict."""
+        return {
+            "max_len": 50,
+            "hidden": 64,
+            "dropout": 0.2,
+            "gca_positions": [],
+            "gca_activation": "sigmoid",
+            "gca_layer_norm": True,
+            "gca_heads": 1,
+            "gca_backend": "auto",
+        }
+
+    def __init__(self, n_items_a: int, n_items_b: int, config: Dict[str, Any] | None = None):
+        super().__init__()
+        for arg, v in (("n_items_a", n_items_a), ("n_items_b", n_items_b)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{arg} must be a positive int, got {v!r}")
+        self.n_items_a, self.n_items_b = n_items_a, n_items_b
+        self.config = self.resolve_config(config or {})
+        self._align_sums: Dict[str, list] = {}
+
+    @classmethod
+    def resolve_config(cls, config: Dict[str, Any]) -> Dict[str, Any]:
+        """Defaults updated with the keys of `config` this model knows (others are the
+        pipeline's and are ignored here), then checked."""
+        cfg = cls.default_config()
+        cfg.update({k: v for k, v in config.items() if k in cfg})
+        positions = cfg["gca_positions"]
+        if isinstance(positions, int):
+            positions = [positions]
+        positions = sorted(set(int(p) for p in positions))
+        bad = [p for p in positions if p not in cls.gca_slots]
+        if bad:
+            raise ValueError(f"gca_positions {bad} not offered by {cls.name}; valid positions: {list(cls.gca_slots)}")
+        cfg["gca_positions"] = positions
+        if cfg["gca_activation"] not in GCA_ACTIVATIONS:
+            raise ValueError(f"gca_activation must be one of {GCA_ACTIVATIONS}, got {cfg['gca_activation']!r}")
+        for key in ("max_len", "hidden", "gca_heads"):
+            if not isinstance(cfg[key], int) or cfg[key] < 1:
+                raise ValueError(f"{key} must be a positive int, got {cfg[key]!r}")
+        if cfg["hidden"] % cfg["gca_heads"]:
+            raise ValueError(f"gca_heads ({cfg['gca_heads']}) must divide hidden ({cfg['hidden']})")
+        return cfg
+
+    # ---- what subclasses implement ----------------------------------------------------
+    @property
+    def n_negatives(self) -> Dict[str, int]:
+        raise NotImplementedError
+
+    def loss(self, batch: Dict[str, Tensor]) -> Tuple[Tensor, Dict[str, float]]:
+        raise NotImplementedError
+
+    def score(self, batch: Dict[str, Tensor], candidates: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, batch: Dict[str, Tensor]):
+        # Training goes through forward so DistributedDataParallel's hooks see the call.
+        return self.loss(batch)
+
+    # ---- alignment probe ----------------------------------------------------------------
+    def reset_alignment(self) -> None:
+        self._align_sums = {}
+
+    def record_alignment(self, module: str, cos_x_xprime: Tensor, cos_x_y: Tensor, weight: int) -> None:
+        """Accumulate batch means (0-dim tensors) weighted by the batch's valid row count."""
+        if weight <= 0:
+            return
+        s = self._align_sums.setdefault(module, [0.0, 0.0, 0])
+        s[0] += float(cos_x_xprime) * weight
+        s[1] += float(cos_x_y) * weight
+        s[2] += weight
+
+    def alignment_counts(self) -> Dict[str, list]:
+        """Raw sums (for combining across processes)."""
+        return {k: list(v) for k, v in self._align_sums.items()}
+
+    def alignment_stats(self) -> Dict[str, Dict[str, float]]:
+        return {k: {"cos_x_xprime": s[0] / s[2], "cos_x_y": s[1] / s[2]}
+                for k, s in sorted(self._align_sums.items()) if s[2] > 0}
+
+
+def n_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def causal_cross_mask(time_q: Tensor, time_k: Tensor) -> Tensor:
+    """(B, Lq, Lk) bool, True = blocked: a query at merged column t may see only keys whose
+    merged column is strictly before t (padding keys, time -1, are blocked too)."""
+    visible = (time_k[:, None, :] >= 0) & (time_k[:, None, :] < time_q[:, :, None])
+    return ~visible
+
+
+def right_positions(seq: Tensor) -> Tensor:
+    """Position ids counted back from the most recent item (1 = last column), 0 on padding,
+    so compacted and merged layouts of the same item mean the same thing."""
+    length = seq.shape[1]
+    pos = torch.arange(length, 0, -1, device=seq.device).expand_as(seq)
+    return torch.where(seq > 0, pos, torch.zeros_like(pos))
+
+
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x (B, L, d) gathered at index (B, M) along L; index -1 gives a zero row."""
+    safe = index.clamp(min=0)
+    out = torch.gather(x, 1, safe.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return out * (index >= 0).unsqueeze(-1).to(x.dtype)
+
+
+def sampled_softmax(user: Tensor, pos_emb: Tensor, neg_emb: Tensor, temperature: float = 1.0) -> Tensor:
+    """Mean cross-entropy of the positive against its negatives: user (N, d), pos_emb (N, d),
+    neg_emb (N, K, d)."""
+    pos = (user * pos_emb).sum(-1, keepdim=True)
+    neg = torch.einsum("nd,nkd->nk", user, neg_emb)
+    logits = torch.cat([pos, neg], dim=1) / temperature
+    return -torch.log_softmax(logits, dim=1)[:, 0].mean()
+
