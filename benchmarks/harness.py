@@ -1,0 +1,155 @@
+"""Measurement helpers for the benchmark suite: problems, peak memory, the results table.
+
+Peak memory is what the allocator saw during one call, minus what was live before it: on
+CUDA from the caching allocator's statistics, on the CPU from the profiler's allocation
+events (which include the compiled extensions' internal temporaries, so fused and eager
+backends are counted alike).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from gca_kernels.reference import cosine_alignment_ref, gated_cross_attention_ref
+
+
+@dataclass(frozen=True)
+class Shape:
+    B: int
+    L: int
+    d: int
+    heads: int
+
+    def __str__(self) -> str:
+        return f"B{self.B}-L{self.L}-d{self.d}-h{self.heads}"
+
+
+CPU_SHAPES = [Shape(256, 50, 64, 2), Shape(256, 50, 256, 2), Shape(128, 200, 128, 1)]
+GPU_SHAPES = CPU_SHAPES + [Shape(1024, 50, 256, 2), Shape(256, 200, 128, 4)]
+# bf16 only for the two large GPU shapes of the issue; float32 everywhere else
+GPU_BF16_SHAPES = [Shape(1024, 50, 256, 2), Shape(256, 200, 128, 4)]
+
+
+def make_inputs(shape: Shape, device: str, dtype: torch.dtype, requires_grad: bool, seed: int = 0):
+    """A GCA problem shaped like the backbones': left-padded histories, causal cross mask."""
+    g = torch.Generator().manual_seed(seed)
+    B, L, d = shape.B, shape.L, shape.d
+    x_a = torch.randn(B, L, d, generator=g)
+    x_b = torch.randn(B, L, d, generator=g)
+    # left padding: each user has between 1 and L items
+    lengths = torch.randint(1, L + 1, (B,), generator=g)
+    kpm = torch.arange(L)[None, :] < (L - lengths)[:, None]
+    causal = torch.ones(L, L, dtype=torch.bool).triu(1)  # query t sees keys <= t
+    w = 1 / math.sqrt(d)
+    params = [torch.randn(d, d, generator=g) * w, torch.zeros(d)] * 4
+    params += [torch.randn(d, 2 * d, generator=g) * w / math.sqrt(2), torch.zeros(d),
+               torch.randn(d, d, generator=g) * w, torch.zeros(d)]
+    ln = [torch.ones(d), torch.zeros(d)]
+    leaves = [x_a, x_b] + params + ln
+    leaves = [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in leaves]
+    return leaves, kpm.to(device), causal.to(device)
+
+
+def gca_call(impl: Callable, heads: int):
+    """A closure computing one GCA forward with ``impl`` (reference or a backend call)."""
+    def fn(leaves, kpm, causal):
+        x_a, x_b, *w = leaves
+        return impl(x_a, x_b, *w[:12], ln_w=w[12], ln_b=w[13], key_padding_mask=kpm,
+                    attn_mask=causal, n_heads=heads, activation="sigmoid")
+    return fn
+
+
+def reference_forward(x_a, x_b, *w, **kw):
+    y, _ = gated_cross_attention_ref(x_a, x_b, *w, **kw)
+    return y
+
+
+def cosine_reference(x, y, mask):
+    return cosine_alignment_ref(x, y, mask, True)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: str) -> int:
+    """Peak bytes allocated during ``fn()`` above what was live when it started."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        del out
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak
+
+
+def median_seconds(fn: Callable[[], object], device: str, min_time: float = 0.5, min_runs: int = 3) -> float:
+    """Median wall time of ``fn`` (used for baselines measured outside pytest-benchmark)."""
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_time:
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 200:
+            break
+    return statistics.median(times)
+
+
+@dataclass
+class ResultTable:
+    """Rows collected during the run, printed at the end by conftest.py."""
+    rows: List[Dict] = field(default_factory=list)
+
+    def add(self, **row) -> None:
+        self.rows.append(row)
+
+    def render(self) -> str:
+        if not self.rows:
+            return ""
+        cols = ["group", "impl", "median_ms", "x_eager", "x_compile", "peak_MiB", "mem_vs_eager"]
+        lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
+        for r in self.rows:
+            cells = []
+            for c in cols:
+                v = r.get(c)
+                cells.append("-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v)))
+            lines.append(" | ".join(cells))
+        return "\n".join(lines)
+
+
+TABLE = ResultTable()
+# medians and peaks of the baselines, keyed by (group, impl), shared across a session so the
+# ratios of a fused backend come from the same run
+BASELINES: Dict[tuple, Dict[str, float]] = {}
+
+
+def torch_threads_note() -> str:
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
+
+
+def maybe_none(x: Optional[float]) -> Optional[float]:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
