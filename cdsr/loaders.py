@@ -289,3 +289,28 @@ def resolve_abxi_dir(name: str, data_dir: Optional[str] = None) -> Path:
             return c
     raise DataError(f"data directory for {name!r} not found (looked at {', '.join(map(str, cand))}); "
                     f"pass --data-dir or set CDSR_DATA_DIR")
+
+
+def load_dataset(cfg) -> CDSRDataset:
+    """The dataset a run config names (`data` plus its options)."""
+    from dataclasses import replace
+
+    from cdsr.synthetic import PRESETS, generate
+
+    name = cfg["data"]
+    if name == "synthetic":
+        preset = cfg.get("synthetic_preset", "small")
+        if preset not in PRESETS:
+            raise DataError(f"unknown synthetic_preset {preset!r}; valid choices: {', '.join(PRESETS)}")
+        fields = {"n_users": "syn_users", "n_items_a": "syn_items_a", "n_items_b": "syn_items_b",
+                  "mean_len": "syn_mean_len", "signal": "syn_signal", "seed": "data_seed"}
+        spec = replace(PRESETS[preset], **{f: cfg[k] for f, k in fields.items() if cfg.get(k) is not None})
+        return generate(spec, name=f"synthetic-{preset}")
+    if name in ABXI_NAMES:
+        return load_abxi(resolve_abxi_dir(name, cfg.get("data_dir")), name)
+    if name == "csv":
+        return load_ratings_pair(cfg["csv_a"], cfg["csv_b"], order=cfg.get("csv_order", "auto"),
+                                 item_min=cfg.get("item_min", 10), max_per_user=cfg.get("max_per_user", 50),
+                                 user_min_per_domain=cfg.get("user_min_per_domain", 5),
+                                 cache_dir=cfg.get("cache_dir"))
+    raise DataError(f"unknown data {name!r}; valid choices: synthetic, {', '.join(ABXI_NAMES)}, csv")
