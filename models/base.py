@@ -91,8 +91,8 @@ class Recommender(nn.Module):
         if weight <= 0:
             return
         s = self._align_sums.setdefault(module, [0.0, 0.0, 0])
-        s[0] += float(cos_x_xprime) * weight
-        s[1] += float(cos_x_y) * weight
+        s[0] += float(cos_x_xprime.detach()) * weight
+        s[1] += float(cos_x_y.detach()) * weight
         s[2] += weight
 
     def alignment_counts(self) -> Dict[str, list]:
