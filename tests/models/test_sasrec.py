@@ -132,7 +132,7 @@ def test_learns_on_tiny_data(data):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            tot += float(loss)
+            tot += float(loss.detach())
         first = tot if first is None else first
         last = tot
     assert last < 0.8 * first
