@@ -36,12 +36,12 @@ PIPELINE_DEFAULTS: Dict[str, Any] = {
     # training
     "seed": 0,
     "epochs": 20,
-    "batch_size": 256,
-    "lr": 1e-3,
+    "batch_size": 128,
+    "lr": 2e-3,
     "weight_decay": 0.01,
     "warmup_epochs": 1,
     "grad_clip": 5.0,
-    "patience": 5,
+    "patience": 3,
     "early_stop_metric": "mrr",
     "max_len": 50,
     # evaluation
@@ -68,9 +68,10 @@ def model_defaults(model: str) -> Dict[str, Any]:
 
 
 def valid_keys(model: str) -> Dict[str, Any]:
+    """Every key a run of `model` accepts, with its default. A model's `default_config()` may
+    also override pipeline defaults (e.g. ABXI's lr and weight decay): the model's value wins."""
     out = dict(PIPELINE_DEFAULTS)
-    for k, v in model_defaults(model).items():
-        out.setdefault(k, v)
+    out.update(model_defaults(model))
     return out
 
 

@@ -282,8 +282,11 @@ def resolve_abxi_dir(name: str, data_dir: Optional[str] = None) -> Path:
     elif os.environ.get("CDSR_DATA_DIR"):
         cand = [Path(os.environ["CDSR_DATA_DIR"]) / name]
     else:
+        # The repo root (source checkout), then the working directory (an installed package
+        # run from the repo root).
         root = Path(__file__).resolve().parent.parent
-        cand = [root.parent / "shared" / "data" / "amazon" / name]
+        cand = [root.parent / "shared" / "data" / "amazon" / name,
+                Path.cwd().parent / "shared" / "data" / "amazon" / name]
     for c in cand:
         if c.is_dir():
             return c

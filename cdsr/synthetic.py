@@ -26,7 +26,7 @@ from cdsr.dataset import CDSRDataset
 
 @dataclass(frozen=True)
 class SyntheticSpec:
-    n_users: int = 3000
+    n_users: int = 5000
     n_items_a: int = 1200
     n_items_b: int = 1600
     mean_len: float = 20.0

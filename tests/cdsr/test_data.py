@@ -162,3 +162,20 @@ def test_synthetic_spec_checks():
         SyntheticSpec(signal=1.5)
     with pytest.raises(ValueError, match="min_len"):
         SyntheticSpec(min_len=2)
+
+
+def test_csv_order_undetectable(tmp_path):
+    p = tmp_path / "odd.csv"
+    p.write_text("u1,i1,5.0,1\nu2,i2,4.0,2\n")
+    with pytest.raises(DataError, match="--csv-order"):
+        read_ratings_csv(p)
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path, monkeypatch):
+    from cdsr.loaders import resolve_abxi_dir
+
+    monkeypatch.setenv("CDSR_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataError, match="--data-dir or set CDSR_DATA_DIR"):
+        resolve_abxi_dir("abe")
+    (tmp_path / "abe").mkdir()
+    assert resolve_abxi_dir("abe") == tmp_path / "abe"
