@@ -1,0 +1,195 @@
+"""`cdsr experiment {table,alignment,scaling}` (also `python -m cdsr.experiments ...`).
+
+Each command plans its list of runs from a preset (`--preset tiny|cpu|paper`) and the
+options given, runs the ones not done yet (resumable: run the same command again after a
+kill), then analyses every finished run into `<out>/report.md`, `<out>/summary.json` and
+PNG figures. `--dry-run` lists the runs; `--analyse-only` rebuilds the report from the runs
+already finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from cdsr.config import ConfigError
+from cdsr.experiments import alignment, report, scaling, table
+from cdsr.experiments.common import PRESETS, check_models, default_models, preset
+from cdsr.experiments.runner import execute, load_results, plan_manifest, atomic_write_json, MANIFEST
+
+EXPERIMENTS = {"table": table, "alignment": alignment, "scaling": scaling}
+
+
+def _positions(text: str) -> List[int]:
+    try:
+        return [int(p) for p in text.replace(" ", "").split(",") if p != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"GCA positions look like 0 or 0,1; got {text!r}") from None
+
+
+def _on_off(text: str) -> bool:
+    low = text.lower()
+    if low in ("on", "true", "1", "yes"):
+        return True
+    if low in ("off", "false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
+def _common(p: argparse.ArgumentParser, name: str) -> None:
+    p.add_argument("--preset", default="paper", choices=tuple(PRESETS),
+                   help="defaults for models, data, seeds, epochs: tiny (CI, synthetic, seconds), cpu (short "
+                        "real-data runs), paper (the paper's protocol; the default)")
+    p.add_argument("--models", nargs="+", default=None, metavar="M", help="backbones (default: the preset's)")
+    p.add_argument("--data", nargs="+", default=None, metavar="D", help="datasets: synthetic, abe, afk, csv")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, metavar="S")
+    p.add_argument("--epochs", type=int, default=None, metavar="E", help="max epochs per run (early stopping may end sooner)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--workers", type=int, default=None, metavar="W",
+                   help="runs in parallel (default: 1 on cuda, else the CPU count)")
+    p.add_argument("--threads", type=int, default=None, metavar="T",
+                   help="torch threads per run (default: CPU count // workers)")
+    p.add_argument("--out", default=None, metavar="DIR", help=f"output folder (default runs/experiments/{name})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every run (repeatable), e.g. --set lr=3e-4")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    p.add_argument("--analyse-only", action="store_true", help="do not train: report on the runs already finished")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `experiment` (with `table`, `alignment`, `scaling`) to a `cdsr` sub-parser set."""
+    exp = subparsers.add_parser("experiment", help="reproduce the paper's tables, alignment and scaling findings")
+    sub = exp.add_subparsers(dest="experiment", required=True, metavar="{table,alignment,scaling}")
+
+    t = sub.add_parser("table", help="bare vs GCA_early vs GCA_stack, per backbone and dataset, over seeds")
+    _common(t, "table")
+    t.add_argument("--stack", nargs="+", type=int, default=[0, 1], metavar="I",
+                   help="GCA positions of the GCA_stack variant (default 0 1)")
+
+    a = sub.add_parser("alignment", help="sweep GCA settings; |cos(X,X')| vs NDCG@10, its distribution, per-epoch curves")
+    _common(a, "alignment")
+    a.add_argument("--positions", nargs="+", type=_positions, default=None, metavar="P",
+                   help="GCA position sets to sweep, e.g. 0 1 2 0,1 (default: each position of the model alone)")
+    a.add_argument("--hidden", nargs="+", type=int, default=None, metavar="N", help="hidden sizes (paper: 64 128)")
+    a.add_argument("--heads", nargs="+", type=int, default=None, metavar="H", help="GCA heads (paper: 4 8)")
+    a.add_argument("--activations", nargs="+", default=["sigmoid", "tanh"], choices=("sigmoid", "tanh"))
+    a.add_argument("--layer-norm", nargs="+", type=_on_off, default=[True, False], metavar="on|off")
+    a.add_argument("--sample", type=int, default=None, metavar="N",
+                   help="runs per backbone and dataset, drawn from the full grid (0 = the whole grid)")
+    a.add_argument("--track", type=int, default=None, metavar="K",
+                   help="runs per backbone and dataset whose validation metrics are kept every epoch")
+    a.add_argument("--align-reg", nargs="+", type=float, default=[0.0], metavar="L",
+                   help="alignment regulariser weights to sweep: loss + L*|cos(X,X')| (needs the models' "
+                        "align_reg key)")
+
+    s = sub.add_parser("scaling", help="bare backbone at several widths vs backbone + GCA_early: NDCG@10 vs parameters")
+    _common(s, "scaling")
+    s.add_argument("--widths", nargs="+", type=int, default=None, metavar="N", help="values of --width-key")
+    s.add_argument("--width-key", default="hidden", metavar="KEY", help="config key that sets the width (default hidden)")
+    s.add_argument("--matched", dest="matched", action="store_true", default=None,
+                   help="also run the parameter-matched bare baseline (scale_to_match); default: when every "
+                        "backbone has the key")
+    s.add_argument("--no-matched", dest="matched", action="store_false")
+    return exp
+
+
+def _resources(args) -> tuple:
+    cores = os.cpu_count() or 1
+    workers = args.workers if args.workers is not None else (1 if args.device == "cuda" else cores)
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    threads = args.threads if args.threads is not None else max(1, cores // workers)
+    if threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    return workers, threads, cores
+
+
+def plan(args) -> Dict[str, Any]:
+    name = args.experiment
+    p = preset(args.preset)
+    models_ = check_models(args.models) if args.models else default_models(args.preset)
+    datasets = args.data or p["data"]
+    epochs = args.epochs if args.epochs is not None else p.get(name, {}).get("epochs", p["epochs"])
+    if epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+    workers, threads, cores = _resources(args)
+    common = dict(preset_name=args.preset, epochs=epochs, device=args.device, threads=threads, sets=args.set)
+    if name == "table":
+        seeds = args.seeds or p["seeds"]
+        specs = table.plan(models_, datasets, seeds, stack=args.stack, **common)
+    elif name == "alignment":
+        pa = p["alignment"]
+        specs = alignment.plan(
+            models_, datasets, positions=args.positions, hidden=args.hidden or pa["hidden"],
+            heads=args.heads or pa["heads"], activations=args.activations, layer_norms=args.layer_norm,
+            seeds=args.seeds or pa["seeds"], align_regs=args.align_reg,
+            sample=pa["sample"] if args.sample is None else args.sample,
+            track=pa["track"] if args.track is None else args.track, **common)
+    elif name == "scaling":
+        ps = p["scaling"]
+        from cdsr.config import valid_keys
+
+        matched = args.matched
+        if matched is None:
+            matched = all("scale_to_match" in valid_keys(m) for m in models_)
+        specs = scaling.plan(models_, datasets, args.seeds or ps["seeds"], widths=args.widths or ps["widths"],
+                             width_key=args.width_key, matched=matched, **common)
+    else:
+        raise ConfigError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}")
+    argv = getattr(args, "argv", None)
+    argv = sys.argv[1:] if argv is None else argv
+    meta = {"command": "cdsr " + " ".join(shlex.quote(a) for a in argv),
+            "preset": args.preset, "workers": workers, "threads": threads, "cpu_count": cores, "sets": args.set}
+    return {"specs": specs, "workers": workers, "meta": meta}
+
+
+def handle(args: argparse.Namespace) -> int:
+    """Run (or, with --analyse-only, only report on) the experiment named by args.experiment."""
+    name = args.experiment
+    planned = plan(args)
+    specs, workers, meta = planned["specs"], planned["workers"], planned["meta"]
+    out = Path(args.out) if args.out else Path("runs") / "experiments" / name
+    if args.dry_run:
+        for s in specs:
+            print(f"{s.run_id}  {s.labels}")
+        print(f"{name}: {len(specs)} runs planned into {out}")
+        return 0
+    if args.analyse_only:
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = plan_manifest(name, specs, out, meta)
+        atomic_write_json(manifest, out / MANIFEST)
+    else:
+        manifest = execute(name, specs, out, workers=workers, meta=meta)
+    rows = load_results(out)
+    analysis = EXPERIMENTS[name].analyse(rows, out) if rows else {"markdown": "", "figures": []}
+    path = report.write(out, name, manifest, rows, analysis)
+    print(f"report: {path}  (summary.json, figures: "
+          f"{', '.join(f['file'] for f in analysis.get('figures', []) if f['file']) or 'none'})")
+    failed = [r for r in manifest["runs"] if r["status"] == "failed"]
+    return 1 if failed else 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m cdsr.experiments",
+                                     description="Reproduce the paper's experiments (same as `cdsr experiment`).")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{experiment}")
+    add_parser(sub)
+    # Also accept the experiment name directly: `python -m cdsr.experiments table ...`.
+    if argv and argv[0] in EXPERIMENTS:
+        argv = ["experiment"] + argv
+    args = parser.parse_args(argv)
+    args.argv = argv
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return handle(args)
+    except (ConfigError, ValueError) as e:
+        print(f"cdsr experiment: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,270 @@
+"""Resumable execution of a list of training runs.
+
+Layout under an experiment's folder:
+
+    manifest.json            every run of the experiment: id, labels, config, status, timings
+    runs/<run id>/           one trainer output folder (results.json, last.pt, best.pt, train.log)
+
+Why it is resumable: a run's folder name is derived from its config (a readable prefix plus a
+hash of every key that changes the result), a run whose results.json exists with the same
+config is done and never redone, and an unfinished run restarts from the trainer's per-epoch
+checkpoint (`fit(resume=True)`). Killing a sweep and starting the same command again
+therefore loses at most the epochs in flight.
+
+Runs go to a process pool (`workers` processes, each with `threads` torch threads) so that a
+sweep uses the cores it is given; with one worker they run in this process (what a GPU run
+or a test wants). Each finished run prints one progress line with the elapsed time and an
+estimate of the time left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Dict, List, Optional, TextIO
+
+from cdsr.config import RESUMABLE_KEYS
+
+MANIFEST = "manifest.json"
+RESULTS = "results.json"
+RUNS_DIR = "runs"
+
+
+@dataclass
+class RunSpec:
+    """One training run: `labels` say what it is in the experiment's terms (model, data,
+    variant, seed, ...) and are what the analysis groups by; `config` is the full run config
+    (`cdsr.config.make_config`)."""
+
+    labels: Dict[str, Any]
+    config: Dict[str, Any]
+    track_valid: bool = False
+    _id: Optional[str] = field(default=None, repr=False)
+
+    @property
+    def run_id(self) -> str:
+        if self._id is None:
+            c = self.config
+            gca = "gca" + "".join(str(p) for p in c.get("gca_positions") or []) if c.get("gca_positions") else "bare"
+            prefix = f"{c['data']}-{c['model']}-{gca}-h{c.get('hidden')}-s{c['seed']}"
+            self._id = f"{prefix}-{config_hash(c)}"
+        return self._id
+
+
+def identity(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The keys that change a run's result (device, threads, progress and epochs do not:
+    the trainer resumes across them)."""
+    return {k: v for k, v in config.items() if k not in RESUMABLE_KEYS}
+
+
+def config_hash(config: Dict[str, Any]) -> str:
+    text = json.dumps(identity(config), sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def atomic_write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Optional[Dict[str, Any]]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_done(spec: RunSpec, run_dir: Path) -> bool:
+    """results.json exists for this config and covers the epochs asked for (or stopped early)."""
+    res = read_json(run_dir / RESULTS)
+    if not res or "config" not in res:
+        return False
+    old = res["config"]
+    if identity(old) != identity(spec.config):
+        raise RuntimeError(f"{run_dir / RESULTS} holds a run with a different config than run "
+                           f"{spec.run_id}; move that folder away")
+    stopped_early = res.get("epochs_run", 0) < old.get("epochs", 0)
+    return stopped_early or old.get("epochs", 0) >= spec.config["epochs"]
+
+
+def brief_metrics(results: Dict[str, Any]) -> Dict[str, Any]:
+    """What a progress line and the manifest show of a finished run."""
+    test = results.get("test") or {}
+    out: Dict[str, Any] = {"n_params": results.get("n_params"), "best_epoch": results.get("best_epoch"),
+                           "epochs_run": results.get("epochs_run")}
+    for d in ("A", "B"):
+        if d in test:
+            out[f"ndcg@10_{d}"] = test[d].get("ndcg@10")
+    cos = [a["cos_x_xprime"] for a in (results.get("alignment") or {}).values()]
+    if cos:
+        out["cos_x_xprime"] = sum(cos) / len(cos)
+    return out
+
+
+def run_one(run_dir: str, config: Dict[str, Any], track_valid: bool = False) -> Dict[str, Any]:
+    """Train one run into `run_dir` (resuming it if a checkpoint is there). Never raises for a
+    failing run: returns {"status": "failed", "error": ...} and leaves error.txt behind, so that
+    one bad configuration does not stop a sweep."""
+    from cdsr.experiments.probe import ProbedTrainer
+
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger("cdsr")
+    handler = logging.FileHandler(path / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))
+    old_level, old_propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    # The per-run log file holds the epoch lines; the sweep's own output stays one line a run.
+    logger.propagate = False
+    start = time.perf_counter()
+    try:
+        trainer = ProbedTrainer(config, path, track_valid=track_valid)
+        results = trainer.fit(resume=True)
+        (path / "error.txt").unlink(missing_ok=True)
+        return {"status": "done", "wall_s": time.perf_counter() - start, "metrics": brief_metrics(results)}
+    except Exception as e:  # noqa: BLE001 - reported per run, the sweep goes on
+        (path / "error.txt").write_text(traceback.format_exc())
+        return {"status": "failed", "wall_s": time.perf_counter() - start,
+                "error": f"{type(e).__name__}: {e}"}
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.setLevel(old_level)
+        logger.propagate = old_propagate
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(0.0, seconds))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60}:{rem % 60:02d}"
+
+
+def _progress_line(i: int, total: int, run_id: str, outcome: Dict[str, Any], elapsed: float,
+                   eta: Optional[float]) -> str:
+    width = len(str(total))
+    head = f"[{i:>{width}}/{total}] {outcome['status']:<6} {run_id}"
+    if outcome["status"] == "done":
+        m = outcome.get("metrics") or {}
+        parts = [f"ndcg@10 {d} {m[f'ndcg@10_{d}']:.4f}" for d in ("A", "B")
+                 if isinstance(m.get(f"ndcg@10_{d}"), float)]
+        if "cos_x_xprime" in m:
+            parts.append(f"|cos(X,X')| {m['cos_x_xprime']:.3f}")
+        detail = "  ".join(parts)
+    else:
+        detail = outcome.get("error", "")
+    tail = f"({outcome.get('wall_s', 0.0):.0f}s) elapsed {_fmt_time(elapsed)}"
+    if eta is not None:
+        tail += f", ~{_fmt_time(eta)} left"
+    return f"{head}  {detail}  {tail}"
+
+
+def plan_manifest(experiment: str, specs: List[RunSpec], out_dir: Path, meta: Dict[str, Any]) -> Dict[str, Any]:
+    ids = [s.run_id for s in specs]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ValueError(f"the run list has duplicate runs (same config twice): {', '.join(dup)}")
+    old = read_json(out_dir / MANIFEST) or {}
+    old_runs = {r["id"]: r for r in old.get("runs", [])}
+    runs = []
+    for s in specs:
+        entry = {"id": s.run_id, "labels": s.labels, "track_valid": s.track_valid, "config": s.config}
+        prev = old_runs.get(s.run_id, {})
+        for key in ("wall_s", "metrics", "error"):
+            if key in prev:
+                entry[key] = prev[key]
+        entry["status"] = "done" if is_done(s, out_dir / RUNS_DIR / s.run_id) else "pending"
+        runs.append(entry)
+    return {"experiment": experiment, "meta": meta, "runs": runs}
+
+
+def execute(experiment: str, specs: List[RunSpec], out_dir: os.PathLike | str, workers: int = 1,
+            meta: Optional[Dict[str, Any]] = None, stream: Optional[TextIO] = None) -> Dict[str, Any]:
+    """Run every spec not yet done (in `workers` processes); returns the final manifest."""
+    stream = stream or sys.stdout
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = plan_manifest(experiment, specs, out, dict(meta or {}))
+    by_id = {r["id"]: r for r in manifest["runs"]}
+    spec_by_id = {s.run_id: s for s in specs}
+    pending = [r["id"] for r in manifest["runs"] if r["status"] != "done"]
+    total = len(specs)
+    n_done = total_done = total - len(pending)
+    atomic_write_json(manifest, out / MANIFEST)
+    print(f"{experiment}: {total} runs, {n_done} already done, {len(pending)} to run "
+          f"with {workers} worker(s); output in {out}", file=stream, flush=True)
+    start = time.perf_counter()
+    walls: List[float] = []
+    finished = 0
+
+    def record(run_id: str, outcome: Dict[str, Any]) -> None:
+        nonlocal finished, total_done
+        finished += 1
+        total_done += 1
+        entry = by_id[run_id]
+        entry.update({k: v for k, v in outcome.items() if k != "status"})
+        entry["status"] = outcome["status"]
+        if outcome["status"] == "done":
+            entry.pop("error", None)
+        walls.append(outcome.get("wall_s", 0.0))
+        atomic_write_json(manifest, out / MANIFEST)
+        left = len(pending) - finished
+        eta = (sum(walls) / len(walls)) * left / workers if left else None
+        print(_progress_line(total_done, total, run_id, outcome, time.perf_counter() - start, eta),
+              file=stream, flush=True)
+
+    def args_of(run_id: str):
+        s = spec_by_id[run_id]
+        return str(out / RUNS_DIR / run_id), s.config, s.track_valid
+
+    if workers == 1 or len(pending) <= 1:
+        for run_id in pending:
+            record(run_id, run_one(*args_of(run_id)))
+    else:
+        # spawn: a forked child would inherit the parent's torch thread pools mid-state.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            queue = list(pending)
+            running = {}
+            while queue or running:
+                while queue and len(running) < workers:
+                    run_id = queue.pop(0)
+                    running[pool.submit(run_one, *args_of(run_id))] = run_id
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    run_id = running.pop(fut)
+                    try:
+                        outcome = fut.result()
+                    except Exception as e:  # noqa: BLE001 - a crashed worker process
+                        outcome = {"status": "failed", "error": f"worker crashed: {type(e).__name__}: {e}"}
+                    record(run_id, outcome)
+    failed = [r["id"] for r in manifest["runs"] if r["status"] == "failed"]
+    print(f"{experiment}: {total - len(failed)}/{total} runs done"
+          + (f", {len(failed)} failed (see runs/<id>/error.txt): {', '.join(failed)}" if failed else "")
+          + f"; {_fmt_time(time.perf_counter() - start)} this session", file=stream, flush=True)
+    return manifest
+
+
+def load_results(out_dir: os.PathLike | str) -> List[Dict[str, Any]]:
+    """The manifest's finished runs, each {"id", "labels", "results"}, in manifest order."""
+    out = Path(out_dir)
+    manifest = read_json(out / MANIFEST)
+    if manifest is None:
+        raise FileNotFoundError(f"no {MANIFEST} in {out}: run the experiment first")
+    rows = []
+    for r in manifest["runs"]:
+        res = read_json(out / RUNS_DIR / r["id"] / RESULTS)
+        if res is not None and identity(res.get("config", {})) == identity(r["config"]):
+            rows.append({"id": r["id"], "labels": r["labels"], "results": res})
+    return rows

@@ -1,0 +1,114 @@
+"""The three commands end to end on the `tiny` preset (what CI runs), their outputs, a
+resumed re-run, and the usage errors."""
+
+import argparse
+import json
+import math
+
+import pytest
+
+from cdsr.experiments import cli
+
+COMMON = ["--preset", "tiny", "--threads", "1"]
+
+
+def _strict_json(path):
+    def no_nan(token):
+        raise AssertionError(f"{path} holds {token}: not standard JSON")
+    return json.loads(path.read_text(), parse_constant=no_nan)
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("experiments")
+    codes = {
+        "table": cli.main(["table", *COMMON, "--workers", "1", "--out", str(root / "table")]),
+        # Two workers: the process-pool path.
+        "alignment": cli.main(["alignment", *COMMON, "--workers", "2", "--out", str(root / "alignment")]),
+        "scaling": cli.main(["scaling", *COMMON, "--workers", "1", "--out", str(root / "scaling")]),
+    }
+    return root, codes
+
+
+@pytest.mark.parametrize("name,sections,figures", [
+    ("table", ["## Table 1 layout", "| sasrec | synthetic |", "+ GCA_early GCA[0]", "+ GCA_stack GCA[0,1]",
+               "HR@5 A", "MRR B", "## Change against the bare backbone"], ["table_ndcg10.png"]),
+    ("alignment", ["Pearson correlation", "| sasrec | A |", "| sasrec | B |", "median [q1, q3]",
+                   "Over training epochs", "tracked (run, domain) curves"],
+     ["alignment_scatter.png", "alignment_box.png", "alignment_epochs.png"]),
+    ("scaling", ["NDCG@10 against trainable parameters", "Parameter-efficiency ratio", "| sasrec | synthetic | bare | 8 |"],
+     ["scaling.png"]),
+])
+def test_experiment_outputs(outputs, name, sections, figures):
+    root, codes = outputs
+    assert codes[name] == 0
+    out = root / name
+    report = (out / "report.md").read_text()
+    for s in sections:
+        assert s in report, f"{name} report lacks {s!r}"
+    assert "## What ran" in report and "threads per run: 1" in report
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["runs"] and all(r["status"] == "done" for r in manifest["runs"])
+    summary = _strict_json(out / "summary.json")
+    assert summary["what_ran"]["runs_done"] == len(manifest["runs"])
+    pytest.importorskip("matplotlib")
+    for f in figures:
+        assert (out / f).stat().st_size > 5000, f"{f} missing or empty"
+        assert f"]({f})" in report
+
+
+def test_run_counts_and_alignment_content(outputs):
+    root, _ = outputs
+    assert len(json.loads((root / "table" / "manifest.json").read_text())["runs"]) == 6  # 3 variants x 2 seeds
+    align = _strict_json(root / "alignment" / "summary.json")
+    assert len(json.loads((root / "alignment" / "manifest.json").read_text())["runs"]) == 8
+    panels = {(p["model"], p["domain"]): p for p in align["correlations"]}
+    assert panels[("sasrec", "A")]["n"] == 8 and -1.0 <= panels[("sasrec", "A")]["r"] <= 1.0
+    assert all(0.0 <= pt[0] <= 1.0 for pt in panels[("sasrec", "B")]["points"])
+    assert len(align["epoch_tracks"]) == 2 and all(len(t["epochs"]) == 3 for t in align["epoch_tracks"])
+    assert all(t["r"]["A"]["n"] == 3 for t in align["epoch_tracks"])
+    sc = _strict_json(root / "scaling" / "summary.json")
+    bare = sorted((p["n_params"], p["width"]) for p in sc["points"] if p["variant"] == "bare")
+    assert [w for _, w in bare] == [8, 16, 32], "wider bare backbones have more parameters"
+    assert len(sc["efficiency"]) == 3 and all(math.isfinite(e["mean"]["ratio"]) for e in sc["efficiency"])
+
+
+def test_rerun_trains_nothing_and_analyse_only(outputs, capsys):
+    root, _ = outputs
+    capsys.readouterr()
+    assert cli.main(["table", *COMMON, "--workers", "1", "--out", str(root / "table")]) == 0
+    assert "6 already done, 0 to run" in capsys.readouterr().out
+    (root / "table" / "report.md").unlink()
+    assert cli.main(["table", *COMMON, "--analyse-only", "--out", str(root / "table")]) == 0
+    assert "## Table 1 layout" in (root / "table" / "report.md").read_text()
+
+
+def test_dry_run_lists_the_runs(tmp_path, capsys):
+    assert cli.main(["alignment", *COMMON, "--dry-run", "--sample", "0", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    # Full grid: 2 positions x 2 hidden x 2 heads x 2 activations x 2 LayerNorm x 1 seed.
+    assert "32 runs planned" in out
+    assert not (tmp_path / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["table", "--stack", "0"], "at least two GCA positions"),
+    (["table", "--stack", "0", "5"], "not offered by sasrec"),
+    (["table", "--models", "nope"], "unknown model 'nope'"),
+    (["table", "--set", "gca_positions=[0]"], "the experiment sets gca_positions itself"),
+    (["alignment", "--align-reg", "0", "0.5"], "align_reg"),
+    (["alignment", "--hidden", "6", "--heads", "4"], "must divide"),
+    (["scaling", "--widths", "16"], "at least two widths"),
+    (["scaling", "--width-key", "nope"], "not a config key"),
+])
+def test_usage_errors_name_the_argument(argv, message, capsys, tmp_path):
+    assert cli.main([*argv, *COMMON, "--dry-run", "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_add_parser_plugs_into_a_cdsr_style_parser():
+    parser = argparse.ArgumentParser(prog="cdsr")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cli.add_parser(sub)
+    args = parser.parse_args(["experiment", "scaling", "--preset", "tiny", "--widths", "8", "16"])
+    assert args.command == "experiment" and args.experiment == "scaling" and args.widths == [8, 16]
