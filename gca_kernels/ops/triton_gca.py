@@ -515,6 +515,12 @@ def _epilogue_bwd_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
+# Largest sequence block and feature chunk under the interpreter, where big blocks are cheap
+# (numpy) and loop steps are not; tests lower them to run the multi-block/multi-chunk paths.
+_INTERP_MAX_SEQ_BLOCK = 64
+_INTERP_MAX_CHUNK = 1 << 30
+
+
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -528,7 +534,8 @@ def _attn_blocks(la: int, lb: int, dh: int) -> Tuple[int, int, int, int]:
     block_dh = _p2(dh)
     if _interpreted():
         # the interpreter pays per program and per loop step, not per element
-        return min(64, _p2(la)), min(64, _p2(lb)), block_dh, 4
+        cap = max(16, _INTERP_MAX_SEQ_BLOCK)
+        return min(cap, _p2(la)), min(cap, _p2(lb)), block_dh, 4
     block = 64 if block_dh <= 64 else 32
     return min(block, _p2(la)), min(block, _p2(lb)), block_dh, 4 if block_dh <= 64 else 8
 
@@ -536,7 +543,8 @@ def _attn_blocks(la: int, lb: int, dh: int) -> Tuple[int, int, int, int]:
 def _row_blocks(d: int, hid: int) -> Tuple[int, int, int, int, int]:
     block_d, block_h = _p2(d), _p2(hid)
     if _interpreted():
-        return 16, block_d, block_d, block_h, 4
+        cap = max(16, _INTERP_MAX_CHUNK)
+        return 16, block_d, min(block_d, cap), min(block_h, cap), 4
     return 16, block_d, min(block_d, 64), min(block_h, 64), 4 if block_d <= 128 else 8
 
 
@@ -544,6 +552,8 @@ def _mask_args(key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], 
     kpm = dummy if key_padding_mask is None else key_padding_mask.contiguous().view(torch.uint8)
     if attn_mask is None:
         return kpm, dummy, 0
+    if attn_mask.dim() == 2:  # (La, Lb): the front end sends (1, La, Lb), direct op calls may not
+        attn_mask = attn_mask[None]
     am = attn_mask.contiguous().view(torch.uint8)
     # a shared (1, La, Lb) mask is broadcast over the batch by a zero stride
     return kpm, am, (0 if am.shape[0] == 1 else am.shape[1] * am.shape[2])
