@@ -10,9 +10,11 @@ from typing import Any, Dict, Type
 
 from models.base import Recommender, n_trainable
 from models.sasrec import SASRec
+from models.abxi import ABXI
 
 _REGISTRY: Dict[str, Type[Recommender]] = {
     "sasrec": SASRec,
+    "abxi": ABXI,
 }
 
 MODEL_NAMES = tuple(_REGISTRY)

@@ -1,0 +1,145 @@
+"""Building blocks shared by the ABXI, LLM4CDSR and CDSRNP backbones.
+
+Self-attention goes through `torch.nn.functional.scaled_dot_product_attention` (fused on CPU
+and GPU). Every sequence is left-padded or gapped (padding anywhere); masks are built from a
+`valid` (B, L) bool tensor, True = an item.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def count_back_positions(valid: Tensor) -> Tensor:
+    """Position ids counted back from the most recent item over the valid entries only
+    (1 = most recent), 0 on padding: a compacted history and the same items laid out with
+    gaps on the merged timeline get the same ids."""
+    v = valid.long()
+    return v.flip(1).cumsum(1).flip(1) * v
+
+
+def causal_valid_mask(valid: Tensor) -> Tensor:
+    """(B, 1, L, L) bool, True = may attend: keys at or before the query that are items.
+    The diagonal stays open on padding rows so they never see zero keys (no NaN); those rows
+    are zeroed by the callers."""
+    length = valid.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(length, dtype=torch.bool, device=valid.device)
+    return ((causal & valid[:, None, :]) | eye)[:, None]
+
+
+def on_rows(fn, x: Tensor, rows: Tensor) -> Tensor:
+    """fn applied to the rows of x (B, L, d_in) where `rows` (B, L) is True, zero elsewhere:
+    (B, L, d_out). Why: most columns of the streams are padding (abe's merged histories fill
+    half of L = 50; the domain streams a quarter), and the dense maps dominate the cost."""
+    flat = x.reshape(-1, x.shape[-1])
+    idx = rows.reshape(-1).nonzero().squeeze(1)
+    y = fn(flat.index_select(0, idx))
+    out = y.new_zeros(flat.shape[0], y.shape[-1]).index_copy(0, idx, y)
+    return out.view(*x.shape[:-1], y.shape[-1])
+
+
+class SelfAttention(nn.Module):
+    """Multi-head causal self-attention, projections as in nn.MultiheadAttention (biases)."""
+
+    def __init__(self, d: int, n_heads: int, dropout: float = 0.0, out_dropout: float = 0.0):
+        super().__init__()
+        if d % n_heads:
+            raise ValueError(f"n_heads ({n_heads}) must divide the hidden size ({d})")
+        self.h = n_heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.attn_dropout = dropout
+        # Dropout of the output projection, applied here so packed rows pay for it only once.
+        self.out_drop = nn.Dropout(out_dropout)
+
+    def forward(self, x: Tensor, allowed: Tensor, rows: Tensor | None = None) -> Tensor:
+        """x (B, L, d); allowed (B, 1, L, L) True = may attend; `rows` (B, L): compute the
+        projections on those rows only (the others come out zero)."""
+        b, length, d = x.shape
+        qkv = self.qkv(x) if rows is None else on_rows(self.qkv, x, rows)
+        q, k, v = qkv.view(b, length, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+                                             dropout_p=self.attn_dropout if self.training else 0.0)
+        att = att.transpose(1, 2).reshape(b, length, d)
+        if rows is None:
+            return self.out_drop(self.out(att))
+        return on_rows(lambda r: self.out_drop(self.out(r)), att, rows)
+
+
+class SwiGLU(nn.Module):
+    """Bias-free SwiGLU feed-forward: W3 (silu(W2 x) * W1 x)."""
+
+    def __init__(self, d: int, inner: int):
+        super().__init__()
+        self.fc_1 = nn.Linear(d, inner, bias=False)
+        self.fc_2 = nn.Linear(d, inner, bias=False)
+        self.fc_3 = nn.Linear(inner, d, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc_3(F.silu(self.fc_2(x)) * self.fc_1(x))
+
+
+class LoRA(nn.Module):
+    """Low-rank adapter x -> x A B; B starts at zero so the adapter starts as a no-op."""
+
+    def __init__(self, d: int, rank: int, init_std: float = 0.02):
+        super().__init__()
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"LoRA rank must be a positive int, got {rank!r}")
+        self.mat_a = nn.Parameter(torch.randn(d, rank) * init_std)
+        self.mat_b = nn.Parameter(torch.zeros(rank, d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x @ self.mat_a) @ self.mat_b
+
+
+class PointWiseFF(nn.Module):
+    """SASRec's point-wise feed-forward: two linear maps with a ReLU, dropout after each."""
+
+    def __init__(self, d: int, inner: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(d, inner)
+        self.fc2 = nn.Linear(inner, d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(F.relu(self.fc1(x)))))
+
+
+class PreNormBlock(nn.Module):
+    """SASRec block (pre-norm): x + Attn(LN(x)), then x + FF(LN(x)); causal, padding-aware."""
+
+    def __init__(self, d: int, n_heads: int, inner: int, dropout: float):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d, eps=1e-8)
+        self.attn = SelfAttention(d, n_heads, dropout)
+        self.ln2 = nn.LayerNorm(d, eps=1e-8)
+        self.ff = PointWiseFF(d, inner, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, valid: Tensor, allowed: Tensor) -> Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), allowed))
+        x = x + self.ff(self.ln2(x))
+        return x * valid.unsqueeze(-1).to(x.dtype)
+
+
+def per_user_pool(neg: Tensor, k: int) -> Tensor:
+    """(B, L, K') per-position negatives flattened into one pool of k per user (B, k).
+
+    Why: a per-position gather of hundreds of negatives (B*L*K*d floats) does not fit a CPU
+    budget; one uniform pool per user shared by that user's positions keeps the sampled
+    softmax unbiased per position and costs one (B, L, d) x (B, d, k) product."""
+    pool = neg.reshape(neg.shape[0], -1)
+    if pool.shape[1] < k:
+        raise ValueError(f"need {k} negatives per user, the batch holds {pool.shape[1]} "
+                         f"(neg shape {tuple(neg.shape)})")
+    return pool[:, :k]
+
+
+def negatives_per_position(k: int, max_len: int) -> int:
+    """How many per-position negatives to ask the sampler for so that the flattened pool
+    holds k per user."""
+    return max(1, -(-k // max_len))
