@@ -46,11 +46,11 @@ PIPELINE_DEFAULTS: Dict[str, Any] = {
     "max_len": 50,
     # evaluation
     "eval_negatives": 999,
-    "eval_batch_size": 512,
+    "eval_batch_size": 256,
     "eval_seed": 0,
     # execution
     "device": "cpu",
-    "threads": None,
+    "threads": 1,  # intra-op CPU threads: 1 is robust on shared or small machines; --set threads=N
     "progress": "auto",
     "find_unused_parameters": True,
 }

@@ -19,7 +19,8 @@ def test_data_stats_synthetic(capsys):
 
 def test_unknown_names_list_choices(capsys):
     assert main(["train", "--model", "nope"]) == 2
-    assert "valid models: sasrec" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "valid models:" in err and "sasrec" in err
     assert main(["data", "stats", "--data", "nope"]) == 2
     assert "valid choices: synthetic, abe, afk, csv" in capsys.readouterr().err
     assert main(["train", "--set", "nope=1"]) == 2
