@@ -61,3 +61,19 @@ def test_train_then_evaluate_checkpoint(tmp_path, capsys):
     assert again["test"] == results["test"]
     assert again["valid"] == results["valid"]
     assert main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+
+
+def test_data_stats_csv(tmp_path, capsys):
+    rows_a = [(f"A{u:013d}", f"{i:010d}", 10 * u + i) for u in range(6) for i in range(3)]
+    rows_b = [(f"A{u:013d}", f"B{i:09d}", 10 * u + i + 5) for u in range(6) for i in range(4)]
+    for name, rows in (("a.csv", rows_a), ("b.csv", rows_b)):
+        # 2018 column order: item,user,rating,timestamp
+        (tmp_path / name).write_text("".join(f"{i},{u},5.0,{t}\n" for u, i, t in rows))
+    args = ["data", "stats", "--data", "csv", "--csv-a", str(tmp_path / "a.csv"), "--csv-b",
+            str(tmp_path / "b.csv"), "--cache-dir", str(tmp_path / "cache"), "--set", "item_min=2",
+            "--set", "user_min_per_domain=1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "users        6" in out and "items        3 / 4" in out and "interactions 42" in out
+    assert main(["data", "stats", "--data", "csv"]) == 2
+    assert "--csv-a" in capsys.readouterr().err
