@@ -54,12 +54,11 @@ def grid(model: str, positions: Optional[Sequence[Sequence[int]]], hidden: Seque
 def plan(models_: Sequence[str], datasets: Sequence[str], *, positions, hidden, heads, activations, layer_norms,
          seeds, align_regs, sample: int, track: int, preset_name: str, epochs: int, device: str, threads,
          sets: Sequence[str]) -> List[RunSpec]:
-    use_reg = any(r != 0 for r in align_regs)
     specs = []
     for model in models_:
-        if use_reg and "align_reg" not in valid_keys(model):
-            raise ConfigError(f"--align-reg: model {model} has no align_reg config key yet (the models need the "
-                              f"regulariser hook: see docs/results.md); leave --align-reg at 0")
+        # A model with its own align_reg key applies the term itself; otherwise the
+        # experiment's trainer adds it through hooks on the GCA modules (align_reg.py).
+        native_reg = "align_reg" in valid_keys(model)
         for data in datasets:
             combos = grid(model, positions, hidden, heads, activations, layer_norms, seeds, align_regs)
             if not combos:
@@ -73,11 +72,12 @@ def plan(models_: Sequence[str], datasets: Sequence[str], *, positions, hidden, 
             for i, c in enumerate(combos):
                 controlled = {"gca_positions": c["positions"], "hidden": c["hidden"], "gca_heads": c["heads"],
                               "gca_activation": c["activation"], "gca_layer_norm": c["layer_norm"]}
-                if use_reg:
+                if native_reg:
                     controlled["align_reg"] = c["align_reg"]
                 cfg = run_config(model, data, c["seed"], preset_name=preset_name, epochs=epochs, device=device,
                                  threads=threads, sets=sets, controlled=controlled)
-                specs.append(RunSpec({"model": model, "data": data, **c}, cfg, track_valid=i < track))
+                specs.append(RunSpec({"model": model, "data": data, **c}, cfg, track_valid=i < track,
+                                     align_reg=0.0 if native_reg else c["align_reg"]))
     return specs
 
 

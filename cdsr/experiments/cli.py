@@ -84,8 +84,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--track", type=int, default=None, metavar="K",
                    help="runs per backbone and dataset whose validation metrics are kept every epoch")
     a.add_argument("--align-reg", nargs="+", type=float, default=[0.0], metavar="L",
-                   help="alignment regulariser weights to sweep: loss + L*|cos(X,X')| (needs the models' "
-                        "align_reg key)")
+                   help="alignment regulariser weights to sweep: training loss + L*|cos(X,X')| (L > 0 pushes "
+                        "toward orthogonality, L < 0 away; default 0 = off)")
 
     s = sub.add_parser("scaling", help="bare backbone at several widths vs backbone + GCA_early: NDCG@10 vs parameters")
     _common(s, "scaling")

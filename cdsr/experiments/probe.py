@@ -10,19 +10,29 @@ checkpoint (a resumed run keeps it) and into `results.json`.
 
 With `track_valid=True` the epoch's per-domain validation metrics are stored as well (one
 extra, deterministic validation pass: the trainer keeps only the selection score per epoch).
+With `align_reg=L` (non-zero) training minimises loss + L * |cos(X, X')| (`align_reg.py`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Dict
 
+from cdsr.experiments.align_reg import RegularisedModel
 from cdsr.trainer import Trainer, evaluate, gathered_alignment
 
 
 class ProbedTrainer(Trainer):
-    def __init__(self, cfg: Dict[str, Any], out_dir, track_valid: bool = False, **kwargs):
+    def __init__(self, cfg: Dict[str, Any], out_dir, track_valid: bool = False, align_reg: float = 0.0,
+                 **kwargs):
         super().__init__(cfg, out_dir, **kwargs)
         self.track_valid = bool(track_valid)
+        self.align_reg = float(align_reg)
+        if self.align_reg:
+            if self.ctx.enabled:
+                raise ValueError("align_reg is not supported in a distributed run")
+            # The trainer calls train_model for the loss and steps the optimiser over
+            # self.model's parameters: the wrapper only adds the term.
+            self.train_model = RegularisedModel(self.model, self.align_reg)
 
     def train_epoch(self, epoch: int) -> Dict[str, float]:
         logs = super().train_epoch(epoch)

@@ -48,6 +48,9 @@ class RunSpec:
     labels: Dict[str, Any]
     config: Dict[str, Any]
     track_valid: bool = False
+    # Alignment regulariser weight applied by the experiment's trainer (`align_reg.py`) for
+    # models without their own `align_reg` config key; part of the run's identity.
+    align_reg: float = 0.0
     _id: Optional[str] = field(default=None, repr=False)
 
     @property
@@ -56,7 +59,9 @@ class RunSpec:
             c = self.config
             gca = "gca" + "".join(str(p) for p in c.get("gca_positions") or []) if c.get("gca_positions") else "bare"
             prefix = f"{c['data']}-{c['model']}-{gca}-h{c.get('hidden')}-s{c['seed']}"
-            self._id = f"{prefix}-{config_hash(c)}"
+            if self.align_reg:
+                prefix += f"-reg{self.align_reg:g}"
+            self._id = f"{prefix}-{config_hash(c, self.align_reg)}"
         return self._id
 
 
@@ -66,8 +71,11 @@ def identity(config: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in config.items() if k not in RESUMABLE_KEYS}
 
 
-def config_hash(config: Dict[str, Any]) -> str:
-    text = json.dumps(identity(config), sort_keys=True, default=str)
+def config_hash(config: Dict[str, Any], align_reg: float = 0.0) -> str:
+    ident = identity(config)
+    if align_reg:
+        ident["__experiment_align_reg"] = float(align_reg)
+    text = json.dumps(ident, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
@@ -111,7 +119,7 @@ def brief_metrics(results: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def run_one(run_dir: str, config: Dict[str, Any], track_valid: bool = False) -> Dict[str, Any]:
+def run_one(run_dir: str, config: Dict[str, Any], track_valid: bool = False, align_reg: float = 0.0) -> Dict[str, Any]:
     """Train one run into `run_dir` (resuming it if a checkpoint is there). Never raises for a
     failing run: returns {"status": "failed", "error": ...} and leaves error.txt behind, so that
     one bad configuration does not stop a sweep."""
@@ -129,8 +137,11 @@ def run_one(run_dir: str, config: Dict[str, Any], track_valid: bool = False) -> 
     logger.propagate = False
     start = time.perf_counter()
     try:
-        trainer = ProbedTrainer(config, path, track_valid=track_valid)
+        trainer = ProbedTrainer(config, path, track_valid=track_valid, align_reg=align_reg)
         results = trainer.fit(resume=True)
+        if align_reg:
+            results["align_reg"] = float(align_reg)
+            atomic_write_json(results, path / RESULTS)
         (path / "error.txt").unlink(missing_ok=True)
         return {"status": "done", "wall_s": time.perf_counter() - start, "metrics": brief_metrics(results)}
     except Exception as e:  # noqa: BLE001 - reported per run, the sweep goes on
@@ -179,6 +190,8 @@ def plan_manifest(experiment: str, specs: List[RunSpec], out_dir: Path, meta: Di
     runs = []
     for s in specs:
         entry = {"id": s.run_id, "labels": s.labels, "track_valid": s.track_valid, "config": s.config}
+        if s.align_reg:
+            entry["align_reg"] = s.align_reg
         prev = old_runs.get(s.run_id, {})
         for key in ("wall_s", "metrics", "error"):
             if key in prev:
@@ -227,7 +240,7 @@ def execute(experiment: str, specs: List[RunSpec], out_dir: os.PathLike | str, w
 
     def args_of(run_id: str):
         s = spec_by_id[run_id]
-        return str(out / RUNS_DIR / run_id), s.config, s.track_valid
+        return str(out / RUNS_DIR / run_id), s.config, s.track_valid, s.align_reg
 
     if workers == 1 or len(pending) <= 1:
         for run_id in pending:

@@ -26,6 +26,9 @@ def outputs(tmp_path_factory):
         # Two workers: the process-pool path.
         "alignment": cli.main(["alignment", *COMMON, "--workers", "2", "--out", str(root / "alignment")]),
         "scaling": cli.main(["scaling", *COMMON, "--workers", "1", "--out", str(root / "scaling")]),
+        "reg": cli.main(["alignment", *COMMON, "--workers", "1", "--positions", "0", "--hidden", "16", "--heads", "4",
+                         "--activations", "sigmoid", "--layer-norm", "on", "--sample", "0", "--track", "0",
+                         "--align-reg", "-10", "0", "10", "--out", str(root / "reg")]),
     }
     return root, codes
 
@@ -96,7 +99,7 @@ def test_dry_run_lists_the_runs(tmp_path, capsys):
     (["table", "--stack", "0", "5"], "not offered by sasrec"),
     (["table", "--models", "nope"], "unknown model 'nope'"),
     (["table", "--set", "gca_positions=[0]"], "the experiment sets gca_positions itself"),
-    (["alignment", "--align-reg", "0", "0.5"], "align_reg"),
+    (["alignment", "--models", "sasrec", "--positions", "0", "9"], "not offered by sasrec"),
     (["alignment", "--hidden", "6", "--heads", "4"], "must divide"),
     (["scaling", "--widths", "16"], "at least two widths"),
     (["scaling", "--width-key", "nope"], "not a config key"),
@@ -112,3 +115,16 @@ def test_add_parser_plugs_into_a_cdsr_style_parser():
     cli.add_parser(sub)
     args = parser.parse_args(["experiment", "scaling", "--preset", "tiny", "--widths", "8", "16"])
     assert args.command == "experiment" and args.experiment == "scaling" and args.widths == [8, 16]
+
+
+def test_align_reg_sweep_report(outputs):
+    root, codes = outputs
+    assert codes["reg"] == 0
+    report = (root / "reg" / "report.md").read_text()
+    assert "## Alignment regulariser" in report
+    summary = _strict_json(root / "reg" / "summary.json")
+    assert [r["align_reg"] for r in summary["align_reg"]] == [-10.0, 0.0, 10.0]
+    cos = {r["align_reg"]: r["cos"]["mean"] for r in summary["align_reg"]}
+    assert cos[10.0] < cos[-10.0]
+    pytest.importorskip("matplotlib")
+    assert (root / "reg" / "alignment_reg.png").stat().st_size > 5000
