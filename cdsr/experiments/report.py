@@ -48,6 +48,20 @@ def what_ran(manifest: Dict[str, Any], rows: List[Dict[str, Any]]) -> Dict[str, 
     }
 
 
+def settings_block(manifest: Dict[str, Any]) -> List[str]:
+    """Per backbone, the config values every run shared (what the experiment did not vary)."""
+    out = ["## Run settings", "", "Config values shared by all runs of a backbone (the swept keys are in the "
+           "tables above; per-run configs are in manifest.json).", ""]
+    by_model: Dict[str, List[Dict[str, Any]]] = {}
+    for r in manifest["runs"]:
+        by_model.setdefault(r["config"]["model"], []).append(r["config"])
+    for model, cfgs in sorted(by_model.items()):
+        shared = {k: v for k, v in cfgs[0].items()
+                  if all(c.get(k) == v for c in cfgs) and k not in ("model", "progress", "threads")}
+        out.append(f"- {model}: " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in sorted(shared.items())))
+    return out + [""]
+
+
 def write(out_dir: Path, experiment: str, manifest: Dict[str, Any], rows: List[Dict[str, Any]],
           analysis: Dict[str, Any]) -> Path:
     info = what_ran(manifest, rows)
@@ -81,6 +95,7 @@ def write(out_dir: Path, experiment: str, manifest: Dict[str, Any], rows: List[D
             for f in figs:
                 lines.append(f"![{f['caption']}]({f['file']})" if f["file"] else f"- {f['caption']}")
                 lines.append("")
+    lines += settings_block(manifest)
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     atomic_write_json(_clean({"experiment": experiment, "what_ran": info, "meta": meta,
