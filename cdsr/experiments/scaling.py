@@ -88,7 +88,9 @@ def efficiency(points: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                             **efficiency_ratio(curve, g["n_params"], g["ndcg@10"][dom]["mean"])}
             match = next((p for p in mine if p["variant"] == "bare_matched" and p["width"] == g["width"]), None)
             if match:
+                # A matched baseline is only meaningful if its count is close to the GCA model's.
                 row["matched"] = {"params": match["n_params"],
+                                  "params_gap": (match["n_params"] - g["n_params"]) / g["n_params"],
                                   "ndcg10_mean": match["ndcg@10"]["mean"]["mean"],
                                   "delta_gca_minus_matched": g["ndcg@10"]["mean"]["mean"] - match["ndcg@10"]["mean"]["mean"]}
             out.append(row)
@@ -117,7 +119,11 @@ def markdown(points: List[Dict[str, Any]], eff: List[Dict[str, Any]]) -> str:
               "| backbone | data | width | GCA params | ratio (mean of A, B) | ratio A | ratio B | GCA - matched bare NDCG@10 |",
               "|---|---|---|---|---|---|---|---|"]
     for e in eff:
-        match = f"{e['matched']['delta_gca_minus_matched']:+.4f} ({e['matched']['params']:,} params)" if "matched" in e else "-"
+        match = "-"
+        if "matched" in e:
+            m = e["matched"]
+            match = f"{m['delta_gca_minus_matched']:+.4f} ({m['params']:,} params"
+            match += f", {m['params_gap']:+.1%} vs GCA: NOT matched)" if abs(m["params_gap"]) > 0.02 else ")"
         lines.append(f"| {e['model']} | {DATA_LABELS.get(e['data'], e['data'])} | {e['width']} | {e['gca_params']:,} | "
                      f"{_ratio_text(e['mean'])} | {_ratio_text(e['A'])} | {_ratio_text(e['B'])} | {match} |")
     return "\n".join(lines) + "\n"

@@ -84,7 +84,7 @@ def test_scaling_efficiency_from_points():
     rows = []
     for variant, width, params, score in (("bare", 8, 1000, 0.10), ("bare", 16, 4000, 0.20), ("bare", 32, 16000, 0.30),
                                           ("GCA_early", 8, 1200, 0.15), ("GCA_early", 32, 17000, 0.40),
-                                          ("bare_matched", 8, 1200, 0.11)):
+                                          ("bare_matched", 8, 1200, 0.11), ("bare_matched", 32, 16000, 0.3)):
         rows.append({"labels": {"model": "m", "data": "abe", "variant": variant, "width": width, "seed": 0},
                      "results": fake_results(score, score, n_params=params)})
     points = scaling.aggregate(rows)
@@ -95,4 +95,6 @@ def test_scaling_efficiency_from_points():
     assert eff[32]["mean"]["relation"] == ">"
     assert eff[8]["matched"]["delta_gca_minus_matched"] == pytest.approx(0.04)
     md = scaling.markdown(points, eff_list)
-    assert "1.67x" in md and "> 0.94x" in md and "+0.0400 (1,200 params)" in md
+    assert "1.67x" in md and "> 0.94x" in md and "+0.0400 (1,200 params) |" in md
+    # A "matched" baseline whose count is off by more than 2% is called out.
+    assert "(16,000 params, -5.9% vs GCA: NOT matched)" in md
