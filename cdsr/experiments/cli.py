@@ -151,7 +151,14 @@ def plan(args) -> Dict[str, Any]:
 def handle(args: argparse.Namespace) -> int:
     """Run (or, with --analyse-only, only report on) the experiment named by args.experiment."""
     name = args.experiment
-    planned = plan(args)
+    try:
+        planned = plan(args)
+    except ValueError as e:
+        # Planning only validates what the user asked for: report it as a usage error (the
+        # `cdsr` front end prints ConfigError as one line, no traceback).
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e)) from None
     specs, workers, meta = planned["specs"], planned["workers"], planned["meta"]
     out = Path(args.out) if args.out else Path("runs") / "experiments" / name
     if args.dry_run:
