@@ -57,6 +57,7 @@ def _common(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help=f"output folder (default runs/experiments/{name})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run (repeatable), e.g. --set lr=3e-4")
+    p.add_argument("--quiet", action="store_true", help="one line per finished run only (no epoch lines)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     p.add_argument("--analyse-only", action="store_true", help="do not train: report on the runs already finished")
 
@@ -171,7 +172,7 @@ def handle(args: argparse.Namespace) -> int:
         manifest = plan_manifest(name, specs, out, meta)
         atomic_write_json(manifest, out / MANIFEST)
     else:
-        manifest = execute(name, specs, out, workers=workers, meta=meta)
+        manifest = execute(name, specs, out, workers=workers, meta=meta, echo=not args.quiet)
     rows = load_results(out)
     analysis = EXPERIMENTS[name].analyse(rows, out) if rows else {"markdown": "", "figures": []}
     path = report.write(out, name, manifest, rows, analysis)

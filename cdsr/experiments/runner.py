@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, TextIO
 
 from cdsr.config import RESUMABLE_KEYS
+from cdsr.trainer import CHECKPOINT
 
 MANIFEST = "manifest.json"
 RESULTS = "results.json"
@@ -119,10 +120,12 @@ def brief_metrics(results: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def run_one(run_dir: str, config: Dict[str, Any], track_valid: bool = False, align_reg: float = 0.0) -> Dict[str, Any]:
+def run_one(run_dir: str, config: Dict[str, Any], track_valid: bool = False, align_reg: float = 0.0,
+            echo: bool = False) -> Dict[str, Any]:
     """Train one run into `run_dir` (resuming it if a checkpoint is there). Never raises for a
     failing run: returns {"status": "failed", "error": ...} and leaves error.txt behind, so that
-    one bad configuration does not stop a sweep."""
+    one bad configuration does not stop a sweep. `echo` also sends the trainer's epoch lines
+    to stderr, prefixed with the run's id (progress inside long runs)."""
     from cdsr.experiments.probe import ProbedTrainer
 
     path = Path(run_dir)
@@ -130,15 +133,21 @@ def run_one(run_dir: str, config: Dict[str, Any], track_valid: bool = False, ali
     logger = logging.getLogger("cdsr")
     handler = logging.FileHandler(path / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))
+    handlers = [handler]
+    if echo:
+        live = logging.StreamHandler(sys.stderr)
+        live.setFormatter(logging.Formatter(f"%(asctime)s   {path.name}: %(message)s", "%H:%M:%S"))
+        handlers.append(live)
     old_level, old_propagate = logger.level, logger.propagate
-    logger.addHandler(handler)
+    for h in handlers:
+        logger.addHandler(h)
     logger.setLevel(logging.INFO)
     # The per-run log file holds the epoch lines; the sweep's own output stays one line a run.
     logger.propagate = False
     start = time.perf_counter()
     try:
         trainer = ProbedTrainer(config, path, track_valid=track_valid, align_reg=align_reg)
-        results = trainer.fit(resume=True)
+        results = trainer.fit(resume=(path / CHECKPOINT).is_file())
         if align_reg:
             results["align_reg"] = float(align_reg)
             atomic_write_json(results, path / RESULTS)
@@ -149,8 +158,9 @@ def run_one(run_dir: str, config: Dict[str, Any], track_valid: bool = False, ali
         return {"status": "failed", "wall_s": time.perf_counter() - start,
                 "error": f"{type(e).__name__}: {e}"}
     finally:
-        logger.removeHandler(handler)
-        handler.close()
+        for h in handlers:
+            logger.removeHandler(h)
+            h.close()
         logger.setLevel(old_level)
         logger.propagate = old_propagate
 
@@ -202,8 +212,10 @@ def plan_manifest(experiment: str, specs: List[RunSpec], out_dir: Path, meta: Di
 
 
 def execute(experiment: str, specs: List[RunSpec], out_dir: os.PathLike | str, workers: int = 1,
-            meta: Optional[Dict[str, Any]] = None, stream: Optional[TextIO] = None) -> Dict[str, Any]:
-    """Run every spec not yet done (in `workers` processes); returns the final manifest."""
+            meta: Optional[Dict[str, Any]] = None, stream: Optional[TextIO] = None,
+            echo: bool = False) -> Dict[str, Any]:
+    """Run every spec not yet done (in `workers` processes); returns the final manifest.
+    `echo`: also print each run's epoch lines (stderr) as they happen."""
     stream = stream or sys.stdout
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
@@ -240,7 +252,7 @@ def execute(experiment: str, specs: List[RunSpec], out_dir: os.PathLike | str, w
 
     def args_of(run_id: str):
         s = spec_by_id[run_id]
-        return str(out / RUNS_DIR / run_id), s.config, s.track_valid, s.align_reg
+        return str(out / RUNS_DIR / run_id), s.config, s.track_valid, s.align_reg, echo
 
     if workers == 1 or len(pending) <= 1:
         for run_id in pending:
