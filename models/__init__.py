@@ -11,10 +11,12 @@ from typing import Any, Dict, Type
 from models.base import Recommender, n_trainable
 from models.sasrec import SASRec
 from models.abxi import ABXI
+from models.llm4cdsr import LLM4CDSR
 
 _REGISTRY: Dict[str, Type[Recommender]] = {
     "sasrec": SASRec,
     "abxi": ABXI,
+    "llm4cdsr": LLM4CDSR,
 }
 
 MODEL_NAMES = tuple(_REGISTRY)

@@ -20,6 +20,14 @@ def count_back_positions(valid: Tensor) -> Tensor:
     return v.flip(1).cumsum(1).flip(1) * v
 
 
+def time_positions(time: Tensor, length: int) -> Tensor:
+    """Position ids of compacted items from their merged columns: length - time (1 = the
+    window's latest column), 0 on padding (time -1). Unlike counting back over a domain's
+    items, it does not depend on how many items of the domain come later in a training
+    window (that count would leak the later targets' domains into earlier positions)."""
+    return torch.where(time >= 0, length - time, torch.zeros_like(time))
+
+
 def causal_valid_mask(valid: Tensor) -> Tensor:
     """(B, 1, L, L) bool, True = may attend: keys at or before the query that are items.
     The diagonal stays open on padding rows so they never see zero keys (no NaN); those rows

@@ -1,0 +1,134 @@
+"""LLM4CDSR: frozen tables (.npy and co-occurrence substitute), shapes, GCA on/off, no leak."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import models
+from models.embeddings import cooccurrence_embeddings, load_item_matrix, training_prefixes
+from tests.models.helpers import N_A, N_B, eval_batch, random_timelines, train_batch
+
+TINY = {"hidden": 16, "ffn_inner": 16, "global_dim": 24, "adapter_hidden": 20, "max_len": 8,
+        "gca_heads": 2, "gca_backend": "eager", "dropout": 0.1}
+
+
+def _dataset(rng, n_users=12):
+    tl = random_timelines(n_users, 10, rng, min_len=5)
+    rows = [r[r > 0] for r in tl]
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+    return SimpleNamespace(offsets=offsets, items=np.concatenate(rows), n_items_a=N_A, n_items_b=N_B)
+
+
+def _model(gca, tmp_path, **kw):
+    m = models.build_model("llm4cdsr", N_A, N_B, dict(TINY, gca_positions=gca, emb_cache_dir=str(tmp_path), **kw))
+    m.prepare_data(_dataset(np.random.default_rng(0)))
+    return m
+
+
+def test_training_prefixes_drop_the_last_two_items():
+    users, items = training_prefixes(np.array([0, 4, 6, 11]), np.arange(1, 12))
+    assert users.tolist() == [0, 0, 2, 2, 2] and items.tolist() == [1, 2, 7, 8, 9]
+
+
+def test_cooccurrence_embeddings_shapes_cache_and_no_heldout_items(tmp_path):
+    ds = _dataset(np.random.default_rng(1))
+    g, a, b = cooccurrence_embeddings(ds.offsets, ds.items, N_A, N_B, global_dim=24, domain_dim=16,
+                                      cache_dir=str(tmp_path))
+    assert g.shape == (N_A + N_B + 1, 24) and a.shape == (N_A + 1, 16) and b.shape == (N_B + 1, 16)
+    assert (g[0] == 0).all() and (a[0] == 0).all() and np.isfinite(g).all()
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+    g2, _, _ = cooccurrence_embeddings(ds.offsets, ds.items, N_A, N_B, global_dim=24, domain_dim=16,
+                                       cache_dir=str(tmp_path))
+    np.testing.assert_array_equal(g, g2)
+    # the validation/test items (last two of each timeline) do not influence the tables
+    items = ds.items.copy()
+    ends = ds.offsets[1:]
+    items[ends - 1] = np.where(items[ends - 1] > N_A, N_A + 1, 1)
+    items[ends - 2] = np.where(items[ends - 2] > N_A, N_A + 2, 2)
+    g3, _, _ = cooccurrence_embeddings(ds.offsets, items, N_A, N_B, global_dim=24, domain_dim=16,
+                                       cache_dir=str(tmp_path / "other"))
+    np.testing.assert_allclose(g3, g, atol=1e-5)
+
+
+def test_load_item_matrix_accepts_with_and_without_padding_row(tmp_path):
+    m = np.random.default_rng(0).normal(size=(N_A, 16)).astype(np.float32)
+    np.save(tmp_path / "a.npy", m)
+    out = load_item_matrix(str(tmp_path / "a.npy"), N_A, "emb_a_npy", 16)
+    assert out.shape == (N_A + 1, 16) and (out[0] == 0).all()
+    np.testing.assert_array_equal(out[1:], m)
+    np.save(tmp_path / "a1.npy", np.concatenate([np.ones((1, 16), np.float32), m]))
+    np.testing.assert_array_equal(load_item_matrix(str(tmp_path / "a1.npy"), N_A, "emb_a_npy", 16), out)
+    with pytest.raises(ValueError, match="emb_a_npy.*rows"):
+        load_item_matrix(str(tmp_path / "a.npy"), N_A + 3, "emb_a_npy", 16)
+    with pytest.raises(ValueError, match="columns"):
+        load_item_matrix(str(tmp_path / "a.npy"), N_A, "emb_a_npy", 8)
+
+
+def test_npy_tables_through_config(tmp_path):
+    rng = np.random.default_rng(2)
+    paths = {}
+    for key, rows, dim in (("emb_global_npy", N_A + N_B, 24), ("emb_a_npy", N_A, 16), ("emb_b_npy", N_B, 16)):
+        np.save(tmp_path / f"{key}.npy", rng.normal(size=(rows, dim)).astype(np.float32))
+        paths[key] = str(tmp_path / f"{key}.npy")
+    m = models.build_model("llm4cdsr", N_A, N_B, dict(TINY, **paths))
+    assert m.frozen_ready
+    np.testing.assert_allclose(m.emb_b[1:].numpy(), np.load(paths["emb_b_npy"]))
+    with pytest.raises(ValueError, match="missing emb_b_npy"):
+        models.build_model("llm4cdsr", N_A, N_B, dict(TINY, emb_global_npy=paths["emb_global_npy"],
+                                                       emb_a_npy=paths["emb_a_npy"]))
+
+
+def test_unprepared_model_says_what_to_do():
+    m = models.build_model("llm4cdsr", N_A, N_B, dict(TINY))
+    rng = np.random.default_rng(3)
+    with pytest.raises(RuntimeError, match="prepare_data"):
+        m.loss(train_batch(random_timelines(3, 9, rng), m.n_negatives, rng))
+
+
+@pytest.mark.parametrize("gca", [[], [0], [1], [2], [0, 1, 2]])
+def test_forward_backward_score(gca, tmp_path):
+    rng = np.random.default_rng(4)
+    m = _model(gca, tmp_path)
+    frozen = {n for n, _ in m.named_buffers()}
+    assert {"glob", "emb_a", "emb_b"} <= frozen
+    assert all(not n.startswith(("glob", "emb_")) for n, _ in m.named_parameters())
+    batch = train_batch(random_timelines(6, 9, rng), m.n_negatives, rng)
+    loss, logs = m.loss(batch)
+    assert torch.isfinite(loss) and {"loss_A", "loss_B"} <= set(logs)
+    loss.backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    m.eval()
+    eb = eval_batch(random_timelines(6, 8, rng), np.array([0, 1, 1, 0, 1, 0]), 5, rng)
+    s = m.score(eb, eb["candidates"])
+    assert s.shape == (6, 5) and torch.isfinite(s).all()
+    assert set(m.alignment_stats()) == {f"gca{p}_{d}" for p in gca for d in ("ab", "ba")}
+
+
+@pytest.mark.parametrize("gca", [[], [0, 1, 2]])
+def test_no_leak_scores_at_t_ignore_later_items(gca, tmp_path):
+    rng = np.random.default_rng(5)
+    m = _model(gca, tmp_path).eval()
+    tl = random_timelines(5, 9, rng, min_len=9)
+    cand = torch.from_numpy(rng.integers(1, N_A + N_B + 1, size=(5, 8, 4)))
+    base = m.position_scores(train_batch(tl, m.n_negatives, rng), cand)
+    for t in range(7):
+        other = tl.copy()
+        # anything may change after column t: identities and domains
+        other[:, t + 1:] = rng.integers(1, N_A + N_B + 1, size=other[:, t + 1:].shape)
+        s = m.position_scores(train_batch(other, m.n_negatives, rng), cand)
+        torch.testing.assert_close(s[:, :t + 1], base[:, :t + 1], rtol=1e-5, atol=1e-5)
+
+
+def test_eval_score_matches_last_training_column(tmp_path):
+    rng = np.random.default_rng(6)
+    m = _model([0, 2], tmp_path).eval()
+    tl = random_timelines(4, 9, rng, min_len=4)
+    tb = train_batch(tl, m.n_negatives, rng)
+    dom = tb["target_domain"][:, -1].numpy()
+    eb = eval_batch(tl[:, :-1], dom, 5, rng)
+    s_eval = m.score(eb, eb["candidates"])
+    s_train = m.position_scores(tb, eb["candidates"][:, None, :].expand(-1, 8, -1).contiguous())[:, -1]
+    torch.testing.assert_close(s_eval, s_train, rtol=1e-5, atol=1e-5)
