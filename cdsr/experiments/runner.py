@@ -59,6 +59,8 @@ class RunSpec:
         if self._id is None:
             c = self.config
             gca = "gca" + "".join(str(p) for p in c.get("gca_positions") or []) if c.get("gca_positions") else "bare"
+            if c.get("scale_to_match"):
+                gca += "-matched"
             prefix = f"{c['data']}-{c['model']}-{gca}-h{c.get('hidden')}-s{c['seed']}"
             if self.align_reg:
                 prefix += f"-reg{self.align_reg:g}"

@@ -104,3 +104,12 @@ def test_epoch_probe_is_the_validation_probe_of_that_epoch(tmp_path):
         assert last["alignment"][name]["cos_x_xprime"] == pytest.approx(a["cos_x_xprime"], abs=1e-6)
     assert last["valid"]["A"]["ndcg@10"] == pytest.approx(valid["A"]["ndcg@10"])
     assert last["valid"]["B"]["mrr"] == pytest.approx(valid["B"]["mrr"])
+
+
+def test_models_with_data_derived_tables_are_prepared(tmp_path):
+    if "llm4cdsr" not in models.MODEL_NAMES:
+        pytest.skip("llm4cdsr is not registered")
+    cfg = run_config("llm4cdsr", "synthetic", 0, preset_name="tiny", epochs=1, device="cpu", threads=1, sets=[],
+                     controlled={"gca_positions": [0]})
+    manifest = execute("t", [RunSpec({"seed": 0}, cfg)], tmp_path)
+    assert manifest["runs"][0]["status"] == "done", manifest["runs"][0].get("error")
