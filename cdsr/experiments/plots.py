@@ -125,7 +125,7 @@ def alignment_box(per_data: Dict[str, Dict[str, List[float]]], path: Path) -> Li
     ax.set_xticks(range(1, len(labels) + 1))
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel("mean |cosine| per GCA module")
-    ax.set_title("Orthogonal alignment: |cos(X, X')| next to |cos(X, Y)|")
+    ax.set_title("|cos(X, X')| next to |cos(X, Y)|", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
