@@ -12,11 +12,13 @@ from models.base import Recommender, n_trainable
 from models.sasrec import SASRec
 from models.abxi import ABXI
 from models.llm4cdsr import LLM4CDSR
+from models.cdsrnp import CDSRNP
 
 _REGISTRY: Dict[str, Type[Recommender]] = {
     "sasrec": SASRec,
     "abxi": ABXI,
     "llm4cdsr": LLM4CDSR,
+    "cdsrnp": CDSRNP,
 }
 
 MODEL_NAMES = tuple(_REGISTRY)
