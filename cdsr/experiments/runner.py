@@ -261,7 +261,8 @@ def execute(experiment: str, specs: List[RunSpec], out_dir: os.PathLike | str, w
             record(run_id, run_one(*args_of(run_id)))
     else:
         # spawn: a forked child would inherit the parent's torch thread pools mid-state.
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+        try:
             queue = list(pending)
             running = {}
             while queue or running:
@@ -276,6 +277,14 @@ def execute(experiment: str, specs: List[RunSpec], out_dir: os.PathLike | str, w
                     except Exception as e:  # noqa: BLE001 - a crashed worker process
                         outcome = {"status": "failed", "error": f"worker crashed: {type(e).__name__}: {e}"}
                     record(run_id, outcome)
+        except BaseException:
+            # Interrupted (Ctrl-C): stop the workers now rather than wait for their runs; the
+            # runs in flight keep their last epoch checkpoint and resume on the next start.
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
     failed = [r["id"] for r in manifest["runs"] if r["status"] == "failed"]
     print(f"{experiment}: {total - len(failed)}/{total} runs done"
           + (f", {len(failed)} failed (see runs/<id>/error.txt): {', '.join(failed)}" if failed else "")

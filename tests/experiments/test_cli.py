@@ -128,3 +128,40 @@ def test_align_reg_sweep_report(outputs):
     assert cos[10.0] < cos[-10.0]
     pytest.importorskip("matplotlib")
     assert (root / "reg" / "alignment_reg.png").stat().st_size > 5000
+
+
+def test_a_killed_sweep_continues(tmp_path):
+    """Kill -9 the command after its first finished run; the same command finishes the rest
+    and does not redo the finished one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sweep"
+    argv = [sys.executable, "-m", "cdsr.experiments", "table", *COMMON, "--workers", "1", "--quiet",
+            "--seeds", "0", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=repo)
+    deadline = time.time() + 120
+    first = None
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("[1/3] done"):
+            first = line.split()[2]
+            break
+        if not line and proc.poll() is not None:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first, "the sweep never finished its first run"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {r["id"]: r["status"] for r in manifest["runs"]}[first] == "done"
+    stamp = (out / "runs" / first / "results.json").stat().st_mtime_ns
+    again = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=repo, timeout=180)
+    assert again.returncode == 0, again.stderr
+    assert "already done" in again.stdout and f"done   {first}" not in again.stdout
+    assert (out / "runs" / first / "results.json").stat().st_mtime_ns == stamp
+    assert all(r["status"] == "done" for r in json.loads((out / "manifest.json").read_text())["runs"])
