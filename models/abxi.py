@@ -34,12 +34,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import Recommender
+from models.scaling import ScalableMixin, scaled_config
 from models.gca_block import GCAHost, build_gca, next_time_horizon, time_masks, timeline_masks
 from models.layers import (LoRA, SelfAttention, SwiGLU, causal_valid_mask,
                            negatives_per_position, on_rows, per_user_pool)
 
 
-class ABXI(GCAHost, Recommender):
+class ABXI(GCAHost, ScalableMixin, Recommender):
     name = "abxi"
     gca_slots = (0, 1, 2)
     # The width `--scale-to-match` grows (models/scaling.py).
@@ -57,6 +58,7 @@ class ABXI(GCAHost, Recommender):
         return cfg
 
     def __init__(self, n_items_a: int, n_items_b: int, config: Dict[str, Any] | None = None):
+        config, n_target = scaled_config(type(self), n_items_a, n_items_b, dict(config or {}))
         super().__init__(n_items_a, n_items_b, config)
         c = self.config
         d, std = c["hidden"], c["init_std"]
@@ -73,6 +75,7 @@ class ABXI(GCAHost, Recommender):
         self.norm_out = nn.ModuleDict({s: nn.LayerNorm(d) for s in ("i2a", "i2b", "a2a", "b2b")})
         self._init(std)
         self.gca = build_gca(c["gca_positions"], d, c)
+        self._record_counts(n_target)
 
     def _init(self, std: float) -> None:
         for m in self.modules():

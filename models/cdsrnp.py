@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import Recommender
+from models.scaling import ScalableMixin, scaled_config
 from models.gca_block import GCAHost, build_gca, time_masks
 from models.layers import PreNormBlock, causal_valid_mask, negatives_per_position, per_user_pool, time_positions
 
@@ -74,7 +75,7 @@ def gaussian_kl(q: Tuple[Tensor, Tensor], p: Tuple[Tensor, Tensor]) -> Tensor:
     return (lp - lq + (torch.exp(2 * lq) + (mq - mp) ** 2) / (2 * torch.exp(2 * lp)) - 0.5).sum(-1)
 
 
-class CDSRNP(GCAHost, Recommender):
+class CDSRNP(GCAHost, ScalableMixin, Recommender):
     name = "cdsrnp"
     gca_slots = (0, 1)
     scale_key = "ffn_inner"
@@ -88,6 +89,7 @@ class CDSRNP(GCAHost, Recommender):
         return cfg
 
     def __init__(self, n_items_a: int, n_items_b: int, config: Dict[str, Any] | None = None):
+        config, n_target = scaled_config(type(self), n_items_a, n_items_b, dict(config or {}))
         super().__init__(n_items_a, n_items_b, config)
         c = self.config
         d = c["hidden"]
@@ -109,6 +111,7 @@ class CDSRNP(GCAHost, Recommender):
                 with torch.no_grad():
                     m.weight[0].zero_()
         self.gca = build_gca(c["gca_positions"], d, c)
+        self._record_counts(n_target)
 
     @property
     def n_negatives(self) -> Dict[str, int]:

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from models.base import Recommender
 from models.embeddings import cooccurrence_embeddings, load_item_matrix
+from models.scaling import ScalableMixin, scaled_config
 from models.gca_block import GCAHost, build_gca, time_masks
 from models.layers import PreNormBlock, causal_valid_mask, time_positions
 
@@ -71,7 +72,7 @@ class SASRecEncoder(nn.Module):
         return self.final(x) * valid.unsqueeze(-1).to(x.dtype)
 
 
-class LLM4CDSR(GCAHost, Recommender):
+class LLM4CDSR(GCAHost, ScalableMixin, Recommender):
     name = "llm4cdsr"
     gca_slots = (0, 1, 2)
     scale_key = "ffn_inner"
@@ -87,6 +88,7 @@ class LLM4CDSR(GCAHost, Recommender):
         return cfg
 
     def __init__(self, n_items_a: int, n_items_b: int, config: Dict[str, Any] | None = None):
+        config, n_target = scaled_config(type(self), n_items_a, n_items_b, dict(config or {}))
         super().__init__(n_items_a, n_items_b, config)
         c = self.config
         if c["n_blocks"] < 2 and 1 in c["gca_positions"]:
@@ -113,6 +115,7 @@ class LLM4CDSR(GCAHost, Recommender):
                 with torch.no_grad():
                     m.weight[0].zero_()
         self.gca = build_gca(c["gca_positions"], d, c)
+        self._record_counts(n_target)
         self._eval_table: Optional[Tensor] = None
         if c["emb_global_npy"] or c["emb_a_npy"] or c["emb_b_npy"]:
             self._load_npy()
