@@ -13,7 +13,9 @@ import argparse
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -149,6 +151,18 @@ def plan(args) -> Dict[str, Any]:
     return {"specs": specs, "workers": workers, "meta": meta}
 
 
+def _exit_on_sigterm() -> None:
+    """`kill PID` raises SystemExit in the sweep, which stops its worker processes (the
+    default SIGTERM would leave them finishing their runs with no one to record them)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def handle(args: argparse.Namespace) -> int:
     """Run (or, with --analyse-only, only report on) the experiment named by args.experiment."""
     name = args.experiment
@@ -172,6 +186,7 @@ def handle(args: argparse.Namespace) -> int:
         manifest = plan_manifest(name, specs, out, meta)
         atomic_write_json(manifest, out / MANIFEST)
     else:
+        _exit_on_sigterm()
         manifest = execute(name, specs, out, workers=workers, meta=meta, echo=not args.quiet)
     rows = load_results(out)
     analysis = EXPERIMENTS[name].analyse(rows, out) if rows else {"markdown": "", "figures": []}
