@@ -289,6 +289,7 @@ class Trainer:
             "alignment": alignment,
             "wall_time_s": self.elapsed,
             "world_size": self.ctx.world_size,
+            "out_dir": str(self.out),
             "history": self.history,
         }
         if self.ctx.is_main:
