@@ -13,7 +13,7 @@ n-2 with history [0, n-2), test on item n-1 with history [0, n-1).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, Optional
 
 import numpy as np
 import torch

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from cdsr.dataset import MIN_TIMELINE, CDSRDataset, DataError, from_timelines
+from cdsr.dataset import CDSRDataset, DataError, from_timelines
 
 log = logging.getLogger("cdsr.data")
 

@@ -4,7 +4,7 @@ evaluation candidates; the training sampler's determinism and sharding."""
 import numpy as np
 import pytest
 
-from cdsr.batching import TrainSampler, build_eval_set, history_features
+from cdsr.batching import TrainSampler, build_eval_set
 from cdsr.dataset import DataError, from_timelines
 from cdsr.synthetic import PRESETS, generate
 

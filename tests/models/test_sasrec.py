@@ -1,7 +1,6 @@
 """The pipeline's cross-domain SASRec: shapes, gradients, causality (within a stream and across
 the GCA cross mask), scoring by domain, the alignment probe, config errors, and that it learns."""
 
-import numpy as np
 import pytest
 import torch
 
