@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Sequence
 
 from cdsr.experiments import plots
-from cdsr.experiments.common import (DATA_LABELS, DOMAINS, check_positions, fmt_ms, run_config,
+from cdsr.experiments.common import (DATA_LABELS, DOMAINS, check_positions, fmt_ms, module_domain, run_config,
                                      test_metric)
 from cdsr.experiments.runner import RunSpec
 from cdsr.experiments.stats import mean_std
@@ -108,6 +108,65 @@ def compare(groups: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return out
 
 
+def _module_means(alignment: Dict[str, Dict[str, float]], key: str, domain: str) -> float:
+    vals = [a[key] for name, a in (alignment or {}).items() if module_domain(name) == domain]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def alignment_probe(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per GCA variant: the test-set probe (|cos(X, X')| of the modules whose query is each
+    domain, |cos(X, Y)|) and the validation |cos(X, X')| at the first and the last epoch
+    next to the validation selection score (mean over seeds)."""
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in rows:
+        lab = r["labels"]
+        if lab["variant"] != "bare":
+            groups.setdefault((lab["model"], lab["data"], lab["variant"]), []).append(r["results"])
+    out = []
+    for (model, data, variant), res in sorted(groups.items()):
+        entry = {"model": model, "data": data, "variant": variant, "test": {}, "epochs": {}}
+        for d in DOMAINS:
+            entry["test"][d] = {"cos_x_xprime": mean_std([_module_means(x.get("alignment"), "cos_x_xprime", d) for x in res]),
+                                "cos_x_y": mean_std([_module_means(x.get("alignment"), "cos_x_y", d) for x in res])}
+            first, last = [], []
+            for x in res:
+                hist = [h for h in x.get("history", []) if h.get("alignment")]
+                if len(hist) >= 2:
+                    first.append(_module_means(hist[0]["alignment"], "cos_x_xprime", d))
+                    last.append(_module_means(hist[-1]["alignment"], "cos_x_xprime", d))
+            entry["epochs"][d] = {"first": mean_std(first), "last": mean_std(last)}
+        hists = [[h for h in x.get("history", []) if h.get("alignment")] for x in res]
+        hists = [h for h in hists if len(h) >= 2]
+        entry["valid_score"] = {"first": mean_std([h[0]["valid_score"] for h in hists]),
+                                "last": mean_std([h[-1]["valid_score"] for h in hists]),
+                                "epochs": sorted({len(h) for h in hists})}
+        out.append(entry)
+    return out
+
+
+def probe_markdown(probe: List[Dict[str, Any]], metric: str) -> str:
+    if not probe:
+        return ""
+    lines = ["", "## Alignment probe of the GCA runs (mean ± std over seeds)", "",
+             "Test set: `|cos(X, X')|` of the GCA modules whose query is the domain, and `|cos(X, Y)|`. Validation: "
+             f"`|cos(X, X')|` after the first and the last epoch, next to the validation selection score "
+             f"({metric.upper()} A + B) at the same epochs.", "",
+             "| model | data | variant | test \\|cos(X,X')\\| A | test \\|cos(X,X')\\| B | test \\|cos(X,Y)\\| | "
+             "valid \\|cos(X,X')\\| A first -> last | valid \\|cos(X,X')\\| B first -> last | valid score first -> last |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for e in probe:
+        ep = e["epochs"]
+        vs = e["valid_score"]
+        lines.append(
+            f"| {e['model']} | {DATA_LABELS.get(e['data'], e['data'])} | {e['variant']} | "
+            f"{fmt_ms(e['test']['A']['cos_x_xprime'], 3)} | {fmt_ms(e['test']['B']['cos_x_xprime'], 3)} | "
+            f"{fmt_ms(e['test']['A']['cos_x_y'], 3)} | "
+            f"{fmt_ms(ep['A']['first'], 3)} -> {fmt_ms(ep['A']['last'], 3)} | "
+            f"{fmt_ms(ep['B']['first'], 3)} -> {fmt_ms(ep['B']['last'], 3)} | "
+            f"{fmt_ms(vs['first'])} -> {fmt_ms(vs['last'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def _label(g: Dict[str, Any]) -> str:
     return g["model"] if g["variant"] == "bare" else f"+ {g['variant']} {plots.positions_text(g['positions'])}"
 
@@ -150,7 +209,10 @@ def markdown(groups: List[Dict[str, Any]], comparisons: List[Dict[str, Any]]) ->
 def analyse(rows: List[Dict[str, Any]], out_dir) -> Dict[str, Any]:
     groups = aggregate(rows)
     comparisons = compare(groups)
+    probe = alignment_probe(rows)
+    metric = rows[0]["results"].get("config", {}).get("early_stop_metric", "mrr") if rows else "mrr"
     figures = plots.try_plot(plots.variant_bars, groups, out_dir / "table_ndcg10.png")
-    summary = {"groups": groups, "comparisons": comparisons, "paper_table1": {
+    summary = {"groups": groups, "comparisons": comparisons, "alignment_probe": probe, "paper_table1": {
         f"{m}/{d}": v for (m, d), v in PAPER_TABLE1.items()}}
-    return {"summary": summary, "markdown": markdown(groups, comparisons), "figures": figures}
+    return {"summary": summary, "markdown": markdown(groups, comparisons) + probe_markdown(probe, metric),
+            "figures": figures}

@@ -35,7 +35,8 @@ def outputs(tmp_path_factory):
 
 @pytest.mark.parametrize("name,sections,figures", [
     ("table", ["## Table 1 layout", "| sasrec | synthetic |", "+ GCA_early GCA[0]", "+ GCA_stack GCA[0,1]",
-               "HR@5 A", "MRR B", "## Change against the bare backbone"], ["table_ndcg10.png"]),
+               "HR@5 A", "MRR B", "## Change against the bare backbone", "## Alignment probe of the GCA runs",
+               "| sasrec | synthetic | GCA_early | 0."], ["table_ndcg10.png"]),
     ("alignment", ["Pearson correlation", "| sasrec | A |", "| sasrec | B |", "median [q1, q3]",
                    "Over training epochs", "tracked (run, domain) curves"],
      ["alignment_scatter.png", "alignment_box.png", "alignment_epochs.png"]),
