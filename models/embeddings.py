@@ -114,13 +114,13 @@ def cooccurrence_embeddings(offsets: np.ndarray, items: np.ndarray, n_items_a: i
     # (Repeated interactions count once: the incidence is binary.)
     x = torch.sparse_coo_tensor(idx, torch.ones(len(users), dtype=torch.float32), (n_users, n),
                                 check_invariants=True).coalesce()
-    x = torch.sparse_coo_tensor(x.indices(), torch.ones_like(x.values()), x.shape).coalesce()
+    x = torch.sparse_coo_tensor(x.indices(), torch.ones_like(x.values()), x.shape, check_invariants=True).coalesce()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch's "sparse CSR is beta" notice
         c = torch.sparse.mm(x.t(), x).coalesce()
     ci, cv = c.indices(), c.values()
     off = ci[0] != ci[1]
-    c = torch.sparse_coo_tensor(ci[:, off], torch.log1p(cv[off]), (n, n)).coalesce()
+    c = torch.sparse_coo_tensor(ci[:, off], torch.log1p(cv[off]), (n, n), check_invariants=True).coalesce()
     k = min(global_dim, n - 1)
     torch.manual_seed(seed)
     u, s, _ = torch.svd_lowrank(c, q=min(k + 8, n), niter=2)
