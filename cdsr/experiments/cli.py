@@ -10,6 +10,7 @@ already finished.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
@@ -151,16 +152,23 @@ def plan(args) -> Dict[str, Any]:
     return {"specs": specs, "workers": workers, "meta": meta}
 
 
-def _exit_on_sigterm() -> None:
-    """`kill PID` raises SystemExit in the sweep, which stops its worker processes (the
-    default SIGTERM would leave them finishing their runs with no one to record them)."""
+@contextlib.contextmanager
+def _exit_on_sigterm():
+    """While the sweep runs, `kill PID` raises SystemExit in it, which stops its worker
+    processes (the default SIGTERM would leave them finishing their runs with no one to
+    record them). The previous handler is restored afterwards."""
     if threading.current_thread() is not threading.main_thread():
+        yield
         return
 
     def stop(signum, frame):
         raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -186,8 +194,8 @@ def handle(args: argparse.Namespace) -> int:
         manifest = plan_manifest(name, specs, out, meta)
         atomic_write_json(manifest, out / MANIFEST)
     else:
-        _exit_on_sigterm()
-        manifest = execute(name, specs, out, workers=workers, meta=meta, echo=not args.quiet)
+        with _exit_on_sigterm():
+            manifest = execute(name, specs, out, workers=workers, meta=meta, echo=not args.quiet)
     rows = load_results(out)
     analysis = EXPERIMENTS[name].analyse(rows, out) if rows else {"markdown": "", "figures": []}
     path = report.write(out, name, manifest, rows, analysis)
