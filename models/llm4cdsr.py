@@ -161,15 +161,25 @@ class LLM4CDSR(GCAHost, ScalableMixin, Recommender):
         self._eval_table = None  # the adapted table is cached for evaluation only
         return super().train(mode)
 
+    def _adapter_map(self) -> Tuple[Tensor, Tensor]:
+        """The two-layer linear adapter folded into one map (W2 W1, W2 b1 + b2): the same
+        function and gradients for W1, W2, at a quarter of the cost per item row."""
+        w = self.adapter2.weight @ self.adapter1.weight
+        b = self.adapter2.weight @ self.adapter1.bias + self.adapter2.bias
+        return w, b
+
     def adapt(self, ids: Tensor) -> Tensor:
         """Adapted global embeddings of item ids (any shape) -> (..., hidden)."""
-        return self.adapter2(self.adapter1(self.glob[ids]))
+        w, b = self._adapter_map()
+        return F.linear(self.glob[ids], w, b)
 
     def adapted_table(self) -> Tensor:
-        if self.training:
-            return self.adapter2(self.adapter1(self.glob))
-        if self._eval_table is None:
-            self._eval_table = self.adapter2(self.adapter1(self.glob))
+        if self.training or self._eval_table is None:
+            w, b = self._adapter_map()
+            table = F.linear(self.glob, w, b)
+            if self.training:
+                return table
+            self._eval_table = table
         return self._eval_table
 
     @property

@@ -132,3 +132,9 @@ def test_eval_score_matches_last_training_column(tmp_path):
     s_eval = m.score(eb, eb["candidates"])
     s_train = m.position_scores(tb, eb["candidates"][:, None, :].expand(-1, 8, -1).contiguous())[:, -1]
     torch.testing.assert_close(s_eval, s_train, rtol=1e-5, atol=1e-5)
+
+
+def test_folded_adapter_is_the_two_layer_adapter(tmp_path):
+    m = _model([], tmp_path)
+    ids = torch.tensor([[1, 5, N_A + 2], [0, 3, N_A + N_B]])
+    torch.testing.assert_close(m.adapt(ids), m.adapter2(m.adapter1(m.glob[ids])), rtol=1e-5, atol=1e-6)
