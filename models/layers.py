@@ -12,6 +12,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def time_positions(time: Tensor, length: int) -> Tensor:
+    """Position ids of compacted items from their merged columns: length - time (1 = the
+    window's latest column), 0 on padding (time -1). Unlike counting back over a domain's
+    items, it does not depend on how many items of the domain come later in a training
+    window (that count would leak the later targets' domains into earlier positions)."""
+    return torch.where(time >= 0, length - time, torch.zeros_like(time))
+
+
+def causal_valid_mask(valid: Tensor) -> Tensor:
+    """(B, 1, L, L) bool, True = may attend: keys at or before the query that are items.
+    The diagonal stays open on padding rows so they never see zero keys (no NaN); those rows
+    are zeroed by the callers."""
+    length = valid.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(length, dtype=torch.bool, device=valid.device)
+    return ((causal & valid[:, None, :]) | eye)[:, None]
+
+
 def on_rows(fn, x: Tensor, rows: Tensor) -> Tensor:
     """fn applied to the rows of x (B, L, d_in) where `rows` (B, L) is True, zero elsewhere:
     (B, L, d_out). Why: most columns of the streams are padding (abe's merged histories fill
