@@ -100,7 +100,7 @@ def test_probe_records_only_in_eval_and_matches_manual_means():
     _, cos = pair.ab(x_a, x_b, key_padding_mask=masks[1], attn_mask=masks[0], need_alignment=True)
     sees = torch.stack([torch.stack([valid_b[b, :t + 1].any() for t in range(4)]) for b in range(2)])
     rows = valid_a & sees
-    assert math.isclose(stats["gca0_ab"]["cos_x_xprime"], float(cos.abs()[rows].mean()), rel_tol=1e-5)
+    assert math.isclose(stats["gca0_ab"]["cos_x_xprime"], float(cos.detach().abs()[rows].mean()), rel_tol=1e-5)
     both = valid_a & valid_b
     manual_xy = torch.nn.functional.cosine_similarity(x_a, x_b, dim=-1).abs()[both].mean()
     assert math.isclose(stats["gca0_ab"]["cos_x_y"], float(manual_xy), rel_tol=1e-5)
