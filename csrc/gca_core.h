@@ -1,0 +1,101 @@
+// Device-independent orchestration of the fused GCA operator.
+//
+// The heavy matrix products go to ATen (MKL/oneDNN on the CPU, cuBLAS on CUDA); everything
+// between them is a handful of fused row kernels supplied by the device backend through
+// GCAKernels. gca_core.cpp is compiled into both extensions, so the CPU and CUDA backends
+// share one sequence of products and cannot drift apart.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+namespace gca {
+
+// Denominator floor of the per-row cosine (gca_kernels.reference.COS_EPS).
+constexpr double kCosEps = 1e-8;
+
+enum Activation : int64_t { kSigmoid = 0, kTanh = 1 };
+
+struct Dims {
+  int64_t B, La, Lb, d, H, hidden;
+};
+
+// Row kernels a device backend provides. Masks are undefined tensors when absent; lse, mean
+// and rstd are in the accumulation dtype (float32, or float64 for float64 inputs).
+struct GCAKernels {
+  // o (N, d), lse (N, H): masked softmax(q k^T / sqrt(dh)) v per (row, head); lse = +inf marks
+  // a row with no visible key (o = 0 there).
+  void (*attn_fwd)(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& kpm,
+                   const at::Tensor& am, at::Tensor& o, at::Tensor& lse, const Dims& dm);
+  // In place xp = has_key ? xp + bo : 0, and cos(x_a, x').
+  void (*xprime_fwd)(at::Tensor& xp, const at::Tensor& bo, const at::Tensor& lse,
+                     const at::Tensor& xa, at::Tensor& cos, const Dims& dm);
+  // In place g = act(g_pre); y = LN(x_a + g * x') (or the sum); mean/rstd when LN is on.
+  void (*gate_out_fwd)(const at::Tensor& xa, const at::Tensor& xp, at::Tensor& g,
+                       const at::Tensor& ln_w, const at::Tensor& ln_b, at::Tensor& y,
+                       at::Tensor& mean, at::Tensor& rstd, int64_t act, double ln_eps,
+                       const Dims& dm);
+  // Backward of gate_out_fwd and of the cosine: dg_pre, dxp, dxa (N, d); dln_w/dln_b (d).
+  void (*gate_out_bwd)(const at::Tensor& dy, const at::Tensor& dcos, const at::Tensor& xa,
+                       const at::Tensor& xp, const at::Tensor& g, const at::Tensor& ln_w,
+                       const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& dg_pre,
+                       at::Tensor& dxp, at::Tensor& dxa, at::Tensor& dln_w, at::Tensor& dln_b,
+                       int64_t act, const Dims& dm);
+  // dq (N, d) and dkv (M, 2d, zero on entry) from do (N, d), recomputing p from lse.
+  void (*attn_bwd)(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& o,
+                   const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& kpm,
+                   const at::Tensor& am, at::Tensor& dq, at::Tensor& dkv, const Dims& dm);
+};
+
+using OptT = std::optional<at::Tensor>;
+
+// Checks every argument (device, dtype, shape, contiguity) and names the one that is wrong.
+Dims check_gca_args(const char* fn, c10::DeviceType dev, const std::vector<at::ScalarType>& dtypes,
+                    const at::Tensor& x_a, const at::Tensor& x_b, const at::Tensor& wq,
+                    const at::Tensor& bq, const at::Tensor& wk, const at::Tensor& bk,
+                    const at::Tensor& wv, const at::Tensor& bv, const at::Tensor& wo,
+                    const at::Tensor& bo, const at::Tensor& w1, const at::Tensor& b1,
+                    const at::Tensor& w2, const at::Tensor& b2, const OptT& ln_w,
+                    const OptT& ln_b, const OptT& kpm, const OptT& am, int64_t n_heads,
+                    int64_t act);
+
+// Returns y, cos, and what the backward needs: q, kv, o, lse, xp, h, g, mean, rstd.
+std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::DeviceType dev,
+                                    const std::vector<at::ScalarType>& dtypes,
+                                    const at::Tensor& x_a, const at::Tensor& x_b,
+                                    const at::Tensor& wq, const at::Tensor& bq,
+                                    const at::Tensor& wk, const at::Tensor& bk,
+                                    const at::Tensor& wv, const at::Tensor& bv,
+                                    const at::Tensor& wo, const at::Tensor& bo,
+                                    const at::Tensor& w1, const at::Tensor& b1,
+                                    const at::Tensor& w2, const at::Tensor& b2,
+                                    const OptT& ln_w, const OptT& ln_b, const OptT& kpm,
+                                    const OptT& am, int64_t n_heads, int64_t act, double ln_eps);
+
+// Returns dx_a, dx_b, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dw1, db1, dw2, db2, dln_w, dln_b
+// (the last two empty when LayerNorm is off).
+std::vector<at::Tensor> gca_backward(
+    const GCAKernels& K, const char* fn, c10::DeviceType dev,
+    const std::vector<at::ScalarType>& dtypes, const at::Tensor& dy, const at::Tensor& dcos,
+    const at::Tensor& x_a, const at::Tensor& x_b, const at::Tensor& wq, const at::Tensor& bq,
+    const at::Tensor& wk, const at::Tensor& bk, const at::Tensor& wv, const at::Tensor& bv,
+    const at::Tensor& wo, const at::Tensor& bo, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2, const at::Tensor& b2, const OptT& ln_w, const OptT& ln_b,
+    const OptT& kpm, const OptT& am, const at::Tensor& q, const at::Tensor& kv,
+    const at::Tensor& o, const at::Tensor& lse, const at::Tensor& xp, const at::Tensor& h,
+    const at::Tensor& g, const at::Tensor& mean, const at::Tensor& rstd, int64_t n_heads,
+    int64_t act, double ln_eps);
+
+// Shared checks of the cosine-alignment entry points; returns the number of rows.
+int64_t check_cos_args(const char* fn, c10::DeviceType dev,
+                       const std::vector<at::ScalarType>& dtypes, const at::Tensor& x,
+                       const at::Tensor& y, const OptT& mask);
+
+// Accumulation dtype of the saved row statistics.
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace gca

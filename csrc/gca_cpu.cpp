@@ -1,0 +1,427 @@
+// CPU row kernels of the fused GCA operator (float32, float64), OpenMP over rows.
+//
+// What is fused: per (batch, query row, head) the masked scores, their max, the exponentials,
+// the row sum and p v are computed in one pass over the visible keys with the scores kept in a
+// per-thread buffer of Lb values: the (B, H, La, Lb) score/probability tensors the eager
+// reference materialises (several times over, for autograd) never exist. The epilogue (output
+// bias only where a key was seen, the cosine, the gate activation, residual and LayerNorm) is
+// one pass per row; its backward, with the cosine's gradient, is one pass per row too.
+//
+// Determinism: every output element is written by exactly one thread, and the parameter
+// reductions (LayerNorm weight/bias gradients) use fixed row chunks reduced in chunk order,
+// so results are bit-identical run to run, whatever the number of threads. The attention
+// backward runs one (batch, head) per task, so k/v gradients accumulate in a fixed order.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "gca_core.h"
+#include "gca_cpu.h"
+
+namespace gca {
+namespace {
+
+constexpr int64_t kRowsPerChunk = 64;  // rows per partial sum of the parameter reductions
+
+inline bool visible(const bool* kpm_b, const bool* am_row, int64_t j) {
+  return !(kpm_b && kpm_b[j]) && !(am_row && am_row[j]);
+}
+
+template <typename T, typename A>
+inline A dot(const T* a, const T* b, int64_t n) {
+  A acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t c = 0; c < n; ++c) acc += static_cast<A>(a[c]) * static_cast<A>(b[c]);
+  return acc;
+}
+
+template <typename T>
+void attn_fwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t, const at::Tensor& kpm_t,
+                   const at::Tensor& am_t, at::Tensor& o_t, at::Tensor& lse_t, const Dims& dm) {
+  using A = at::opmath_type<T>;
+  const int64_t La = dm.La, Lb = dm.Lb, d = dm.d, H = dm.H, dh = d / H;
+  const T* q = q_t.data_ptr<T>();     // (B*La, d)
+  const T* kv = kv_t.data_ptr<T>();   // (B*Lb, 2d): k then v
+  const bool* kpm = kpm_t.defined() ? kpm_t.data_ptr<bool>() : nullptr;  // (B, Lb)
+  const bool* am = am_t.defined() ? am_t.data_ptr<bool>() : nullptr;     // (Bm, La, Lb)
+  const bool am_shared = am_t.defined() && am_t.size(0) == 1;
+  T* o = o_t.data_ptr<T>();           // (B*La, d)
+  A* lse = lse_t.data_ptr<A>();       // (B*La, H)
+  const A scale = A(1) / std::sqrt(A(dh));
+  const int64_t tasks = dm.B * La * H;
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<A> s(Lb), acc(dh);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t h = t % H, r = t / H, b = r / La, i = r % La;
+      const T* qr = q + r * d + h * dh;
+      const bool* kpm_b = kpm ? kpm + b * Lb : nullptr;
+      const bool* am_row = am ? am + ((am_shared ? 0 : b) * La + i) * Lb : nullptr;
+      A mx = -std::numeric_limits<A>::infinity();
+      int64_t nvis = 0;
+      for (int64_t j = 0; j < Lb; ++j) {
+        if (!visible(kpm_b, am_row, j)) continue;
+        const A sj = dot<T, A>(qr, kv + (b * Lb + j) * 2 * d + h * dh, dh) * scale;
+        s[j] = sj;
+        mx = sj > mx ? sj : mx;
+        ++nvis;
+      }
+      T* orow = o + r * d + h * dh;
+      if (nvis == 0) {
+        for (int64_t c = 0; c < dh; ++c) orow[c] = T(0);
+        lse[r * H + h] = std::numeric_limits<A>::infinity();
+        continue;
+      }
+      A l = 0;
+      std::fill(acc.begin(), acc.end(), A(0));
+      A* accp = acc.data();
+      for (int64_t j = 0; j < Lb; ++j) {
+        if (!visible(kpm_b, am_row, j)) continue;
+        const A p = std::exp(s[j] - mx);
+        l += p;
+        const T* vr = kv + (b * Lb + j) * 2 * d + d + h * dh;
+#pragma omp simd
+        for (int64_t c = 0; c < dh; ++c) accp[c] += p * static_cast<A>(vr[c]);
+      }
+      const A inv = A(1) / l;
+      for (int64_t c = 0; c < dh; ++c) orow[c] = static_cast<T>(accp[c] * inv);
+      lse[r * H + h] = mx + std::log(l);
+    }
+  }
+}
+
+template <typename T>
+void attn_bwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t, const at::Tensor& o_t,
+                   const at::Tensor& do_t, const at::Tensor& lse_t, const at::Tensor& kpm_t,
+                   const at::Tensor& am_t, at::Tensor& dq_t, at::Tensor& dkv_t, const Dims& dm) {
+  using A = at::opmath_type<T>;
+  const int64_t La = dm.La, Lb = dm.Lb, d = dm.d, H = dm.H, dh = d / H;
+  const T* q = q_t.data_ptr<T>();      // (B*La, d)
+  const T* kv = kv_t.data_ptr<T>();    // (B*Lb, 2d)
+  const T* o = o_t.data_ptr<T>();      // (B*La, d)
+  const T* dout = do_t.data_ptr<T>();  // (B*La, d)
+  const A* lse = lse_t.data_ptr<A>();  // (B*La, H)
+  const bool* kpm = kpm_t.defined() ? kpm_t.data_ptr<bool>() : nullptr;
+  const bool* am = am_t.defined() ? am_t.data_ptr<bool>() : nullptr;
+  const bool am_shared = am_t.defined() && am_t.size(0) == 1;
+  T* dq = dq_t.data_ptr<T>();          // (B*La, d)
+  T* dkv = dkv_t.data_ptr<T>();        // (B*Lb, 2d), zero on entry
+  const A scale = A(1) / std::sqrt(A(dh));
+  // One task per (batch, head): it owns that head's slice of dk/dv for the batch row, so the
+  // sums over query rows need no atomics and always run in the same order.
+  const int64_t tasks = dm.B * H;
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<A> acc(dh);
+    A* accp = acc.data();
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t b = t / H, h = t % H;
+      const bool* kpm_b = kpm ? kpm + b * Lb : nullptr;
+      for (int64_t i = 0; i < La; ++i) {
+        const int64_t r = b * La + i;
+        T* dqr = dq + r * d + h * dh;
+        const A lse_r = lse[r * H + h];
+        if (std::isinf(lse_r)) {  // no visible key: p = 0, nothing to propagate
+          for (int64_t c = 0; c < dh; ++c) dqr[c] = T(0);
+          continue;
+        }
+        const bool* am_row = am ? am + ((am_shared ? 0 : b) * La + i) * Lb : nullptr;
+        const T* qr = q + r * d + h * dh;
+        const T* dor = dout + r * d + h * dh;
+        const A D = dot<T, A>(dor, o + r * d + h * dh, dh);  // sum_j p_j dp_j
+        std::fill(acc.begin(), acc.end(), A(0));
+        for (int64_t j = 0; j < Lb; ++j) {
+          if (!visible(kpm_b, am_row, j)) continue;
+          const T* kr = kv + (b * Lb + j) * 2 * d + h * dh;
+          const T* vr = kr + d;
+          const A p = std::exp(dot<T, A>(qr, kr, dh) * scale - lse_r);
+          const A ds = p * (dot<T, A>(dor, vr, dh) - D);
+          T* dkr = dkv + (b * Lb + j) * 2 * d + h * dh;
+          T* dvr = dkr + d;
+          const A dss = ds * scale;
+#pragma omp simd
+          for (int64_t c = 0; c < dh; ++c) {
+            accp[c] += ds * static_cast<A>(kr[c]);
+            dkr[c] = static_cast<T>(static_cast<A>(dkr[c]) + dss * static_cast<A>(qr[c]));
+            dvr[c] = static_cast<T>(static_cast<A>(dvr[c]) + p * static_cast<A>(dor[c]));
+          }
+        }
+        for (int64_t c = 0; c < dh; ++c) dqr[c] = static_cast<T>(accp[c] * scale);
+      }
+    }
+  }
+}
+
+template <typename A>
+inline void row_cos(A dot_, A na2, A nb2, A& cos, A& den) {
+  den = std::sqrt(na2) * std::sqrt(nb2);
+  cos = dot_ / std::max(den, A(kCosEps));
+}
+
+template <typename T>
+void xprime_fwd_impl(at::Tensor& xp_t, const at::Tensor& bo_t, const at::Tensor& lse_t,
+                     const at::Tensor& xa_t, at::Tensor& cos_t, const Dims& dm) {
+  using A = at::opmath_type<T>;
+  const int64_t N = dm.B * dm.La, d = dm.d, H = dm.H;
+  T* xp = xp_t.data_ptr<T>();           // (N, d): o Wo^T on entry, x' on exit
+  const T* bo = bo_t.data_ptr<T>();     // (d)
+  const A* lse = lse_t.data_ptr<A>();   // (N, H)
+  const T* xa = xa_t.data_ptr<T>();     // (N, d)
+  T* cos = cos_t.data_ptr<T>();         // (N)
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t r = 0; r < N; ++r) {
+    T* xr = xp + r * d;
+    const T* ar = xa + r * d;
+    if (std::isinf(lse[r * H])) {  // no visible key: x' = 0 exactly, bias not added
+      for (int64_t c = 0; c < d; ++c) xr[c] = T(0);
+      cos[r] = T(0);
+      continue;
+    }
+    A dt = 0, na2 = 0, nb2 = 0;
+#pragma omp simd reduction(+ : dt, na2, nb2)
+    for (int64_t c = 0; c < d; ++c) {
+      const T v = static_cast<T>(xr[c] + bo[c]);
+      xr[c] = v;
+      const A a = ar[c], bv = v;
+      dt += a * bv;
+      na2 += a * a;
+      nb2 += bv * bv;
+    }
+    A cs, den;
+    row_cos(dt, na2, nb2, cs, den);
+    cos[r] = static_cast<T>(cs);
+  }
+}
+
+template <typename T>
+void gate_out_fwd_impl(const at::Tensor& xa_t, const at::Tensor& xp_t, at::Tensor& g_t,
+                       const at::Tensor& lnw_t, const at::Tensor& lnb_t, at::Tensor& y_t,
+                       at::Tensor& mean_t, at::Tensor& rstd_t, int64_t act, double eps,
+                       const Dims& dm) {
+  using A = at::opmath_type<T>;
+  const int64_t N = dm.B * dm.La, d = dm.d;
+  const T* xa = xa_t.data_ptr<T>();   // (N, d)
+  const T* xp = xp_t.data_ptr<T>();   // (N, d)
+  T* g = g_t.data_ptr<T>();           // (N, d): gate pre-activation in, gate out
+  const bool ln = lnw_t.defined();
+  const T* lnw = ln ? lnw_t.data_ptr<T>() : nullptr;  // (d)
+  const T* lnb = ln ? lnb_t.data_ptr<T>() : nullptr;  // (d)
+  T* y = y_t.data_ptr<T>();           // (N, d)
+  A* mean = ln ? mean_t.data_ptr<A>() : nullptr;  // (N)
+  A* rstd = ln ? rstd_t.data_ptr<A>() : nullptr;  // (N)
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<A> z(d);
+    A* zp = z.data();
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < N; ++r) {
+      T* gr = g + r * d;
+      const T* ar = xa + r * d;
+      const T* pr = xp + r * d;
+      T* yr = y + r * d;
+      A sum = 0;
+      for (int64_t c = 0; c < d; ++c) {
+        const A gp = gr[c];
+        const T gv = static_cast<T>(act == kSigmoid ? A(1) / (A(1) + std::exp(-gp)) : std::tanh(gp));
+        gr[c] = gv;
+        const A zc = static_cast<A>(ar[c]) + static_cast<A>(gv) * static_cast<A>(pr[c]);
+        zp[c] = zc;
+        sum += zc;
+      }
+      if (!ln) {
+        for (int64_t c = 0; c < d; ++c) yr[c] = static_cast<T>(zp[c]);
+        continue;
+      }
+      const A mu = sum / A(d);
+      A var = 0;
+#pragma omp simd reduction(+ : var)
+      for (int64_t c = 0; c < d; ++c) var += (zp[c] - mu) * (zp[c] - mu);
+      const A rs = A(1) / std::sqrt(var / A(d) + A(eps));
+      mean[r] = mu;
+      rstd[r] = rs;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c)
+        yr[c] = static_cast<T>((zp[c] - mu) * rs * static_cast<A>(lnw[c]) + static_cast<A>(lnb[c]));
+    }
+  }
+}
+
+template <typename T>
+void gate_out_bwd_impl(const at::Tensor& dy_t, const at::Tensor& dcos_t, const at::Tensor& xa_t,
+                       const at::Tensor& xp_t, const at::Tensor& g_t, const at::Tensor& lnw_t,
+                       const at::Tensor& mean_t, const at::Tensor& rstd_t, at::Tensor& dgp_t,
+                       at::Tensor& dxp_t, at::Tensor& dxa_t, at::Tensor& dlnw_t,
+                       at::Tensor& dlnb_t, int64_t act, const Dims& dm) {
+  using A = at::opmath_type<T>;
+  const int64_t N = dm.B * dm.La, d = dm.d;
+  const T* dy = dy_t.data_ptr<T>();      // (N, d)
+  const T* dcos = dcos_t.data_ptr<T>();  // (N)
+  const T* xa = xa_t.data_ptr<T>();      // (N, d)
+  const T* xp = xp_t.data_ptr<T>();      // (N, d)
+  const T* g = g_t.data_ptr<T>();        // (N, d), post-activation
+  const bool ln = lnw_t.defined();
+  const T* lnw = ln ? lnw_t.data_ptr<T>() : nullptr;
+  const A* mean = ln ? mean_t.data_ptr<A>() : nullptr;
+  const A* rstd = ln ? rstd_t.data_ptr<A>() : nullptr;
+  T* dgp = dgp_t.data_ptr<T>();          // (N, d): gradient of the gate pre-activation
+  T* dxp = dxp_t.data_ptr<T>();          // (N, d)
+  T* dxa = dxa_t.data_ptr<T>();          // (N, d)
+  const int64_t nchunks = (N + kRowsPerChunk - 1) / kRowsPerChunk;
+  // per-chunk partial sums of dy * zhat and dy (LayerNorm weight and bias gradients)
+  std::vector<A> part(ln ? nchunks * 2 * d : 0);
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<A> zh(d), dz(d);
+    A* zhp = zh.data();
+    A* dzp = dz.data();
+#pragma omp for schedule(static)
+    for (int64_t ch = 0; ch < nchunks; ++ch) {
+      A* pw = ln ? part.data() + ch * 2 * d : nullptr;
+      A* pb = ln ? pw + d : nullptr;
+      if (ln) std::fill(pw, pw + 2 * d, A(0));
+      const int64_t r_end = std::min(N, (ch + 1) * kRowsPerChunk);
+      for (int64_t r = ch * kRowsPerChunk; r < r_end; ++r) {
+        const T* dyr = dy + r * d;
+        const T* ar = xa + r * d;
+        const T* pr = xp + r * d;
+        const T* gr = g + r * d;
+        if (ln) {
+          const A mu = mean[r], rs = rstd[r];
+          A s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+          for (int64_t c = 0; c < d; ++c) {
+            const A z = static_cast<A>(ar[c]) + static_cast<A>(gr[c]) * static_cast<A>(pr[c]);
+            const A zhat = (z - mu) * rs;
+            const A dyc = dyr[c];
+            const A dzh = dyc * static_cast<A>(lnw[c]);
+            zhp[c] = zhat;
+            dzp[c] = dzh;
+            s1 += dzh;
+            s2 += dzh * zhat;
+            pw[c] += dyc * zhat;
+            pb[c] += dyc;
+          }
+          const A m1 = s1 / A(d), m2 = s2 / A(d);
+#pragma omp simd
+          for (int64_t c = 0; c < d; ++c) dzp[c] = rs * (dzp[c] - m1 - zhp[c] * m2);
+        } else {
+          for (int64_t c = 0; c < d; ++c) dzp[c] = dyr[c];
+        }
+        // cosine: c = <a, b> / max(|a||b|, eps)
+        A dt = 0, na2 = 0, nb2 = 0;
+#pragma omp simd reduction(+ : dt, na2, nb2)
+        for (int64_t c = 0; c < d; ++c) {
+          const A a = ar[c], bv = pr[c];
+          dt += a * bv;
+          na2 += a * a;
+          nb2 += bv * bv;
+        }
+        A cs, den;
+        row_cos(dt, na2, nb2, cs, den);
+        const A dc = dcos[r];
+        // d cos / d a = b / den - cos a / |a|^2 (and symmetrically), when den is not floored
+        const bool floored = !(den > A(kCosEps));
+        const A inv_den = floored ? A(1) / A(kCosEps) : A(1) / den;
+        const A ca = floored ? A(0) : cs / na2, cb = floored ? A(0) : cs / nb2;
+        T* dgr = dgp + r * d;
+        T* dxpr = dxp + r * d;
+        T* dxar = dxa + r * d;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) {
+          const A a = ar[c], bv = pr[c], gv = gr[c], dzc = dzp[c];
+          const A dact = act == kSigmoid ? gv * (A(1) - gv) : A(1) - gv * gv;
+          dgr[c] = static_cast<T>(dzc * bv * dact);
+          dxpr[c] = static_cast<T>(dzc * gv + dc * (a * inv_den - cb * bv));
+          dxar[c] = static_cast<T>(dzc + dc * (bv * inv_den - ca * a));
+        }
+      }
+    }
+  }
+  if (!ln) return;
+  T* dlnw = dlnw_t.data_ptr<T>();
+  T* dlnb = dlnb_t.data_ptr<T>();
+  for (int64_t c = 0; c < d; ++c) {
+    A sw = 0, sb = 0;
+    for (int64_t ch = 0; ch < nchunks; ++ch) {  // chunk order: deterministic
+      sw += part[ch * 2 * d + c];
+      sb += part[ch * 2 * d + d + c];
+    }
+    dlnw[c] = static_cast<T>(sw);
+    dlnb[c] = static_cast<T>(sb);
+  }
+}
+
+#define GCA_CPU_DISPATCH(t, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), name, [&] { __VA_ARGS__; })
+
+void attn_fwd_cpu(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& kpm,
+                  const at::Tensor& am, at::Tensor& o, at::Tensor& lse, const Dims& dm) {
+  GCA_CPU_DISPATCH(q, "gca_attn_fwd_cpu", attn_fwd_impl<scalar_t>(q, kv, kpm, am, o, lse, dm));
+}
+void xprime_fwd_cpu(at::Tensor& xp, const at::Tensor& bo, const at::Tensor& lse,
+                    const at::Tensor& xa, at::Tensor& cos, const Dims& dm) {
+  GCA_CPU_DISPATCH(xp, "gca_xprime_fwd_cpu", xprime_fwd_impl<scalar_t>(xp, bo, lse, xa, cos, dm));
+}
+void gate_out_fwd_cpu(const at::Tensor& xa, const at::Tensor& xp, at::Tensor& g,
+                      const at::Tensor& ln_w, const at::Tensor& ln_b, at::Tensor& y,
+                      at::Tensor& mean, at::Tensor& rstd, int64_t act, double eps, const Dims& dm) {
+  GCA_CPU_DISPATCH(xa, "gca_gate_out_fwd_cpu",
+                   gate_out_fwd_impl<scalar_t>(xa, xp, g, ln_w, ln_b, y, mean, rstd, act, eps, dm));
+}
+void gate_out_bwd_cpu(const at::Tensor& dy, const at::Tensor& dcos, const at::Tensor& xa,
+                      const at::Tensor& xp, const at::Tensor& g, const at::Tensor& ln_w,
+                      const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& dgp,
+                      at::Tensor& dxp, at::Tensor& dxa, at::Tensor& dlnw, at::Tensor& dlnb,
+                      int64_t act, const Dims& dm) {
+  GCA_CPU_DISPATCH(xa, "gca_gate_out_bwd_cpu",
+                   gate_out_bwd_impl<scalar_t>(dy, dcos, xa, xp, g, ln_w, mean, rstd, dgp, dxp,
+                                               dxa, dlnw, dlnb, act, dm));
+}
+void attn_bwd_cpu(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& o,
+                  const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& kpm,
+                  const at::Tensor& am, at::Tensor& dq, at::Tensor& dkv, const Dims& dm) {
+  GCA_CPU_DISPATCH(q, "gca_attn_bwd_cpu",
+                   attn_bwd_impl<scalar_t>(q, kv, o, dout, lse, kpm, am, dq, dkv, dm));
+}
+
+const GCAKernels kCpuKernels{attn_fwd_cpu, xprime_fwd_cpu, gate_out_fwd_cpu, gate_out_bwd_cpu,
+                             attn_bwd_cpu};
+const std::vector<at::ScalarType> kCpuDtypes{at::kFloat, at::kDouble};
+
+}  // namespace
+
+std::vector<at::Tensor> gca_fwd_cpu(const at::Tensor& x_a, const at::Tensor& x_b,
+                                    const at::Tensor& wq, const at::Tensor& bq,
+                                    const at::Tensor& wk, const at::Tensor& bk,
+                                    const at::Tensor& wv, const at::Tensor& bv,
+                                    const at::Tensor& wo, const at::Tensor& bo,
+                                    const at::Tensor& w1, const at::Tensor& b1,
+                                    const at::Tensor& w2, const at::Tensor& b2, const OptT& ln_w,
+                                    const OptT& ln_b, const OptT& kpm, const OptT& am,
+                                    int64_t n_heads, int64_t act, double ln_eps) {
+  return gca_forward(kCpuKernels, "gca_fwd (cpp)", c10::DeviceType::CPU, kCpuDtypes, x_a, x_b,
+                     wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b, kpm, am, n_heads,
+                     act, ln_eps);
+}
+
+std::vector<at::Tensor> gca_bwd_cpu(
+    const at::Tensor& dy, const at::Tensor& dcos, const at::Tensor& x_a, const at::Tensor& x_b,
+    const at::Tensor& wq, const at::Tensor& bq, const at::Tensor& wk, const at::Tensor& bk,
+    const at::Tensor& wv, const at::Tensor& bv, const at::Tensor& wo, const at::Tensor& bo,
+    const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+    const OptT& ln_w, const OptT& ln_b, const OptT& kpm, const OptT& am, const at::Tensor& q,
+    const at::Tensor& kv, const at::Tensor& o, const at::Tensor& lse, const at::Tensor& xp,
+    const at::Tensor& h, const at::Tensor& g, const at::Tensor& mean, const at::Tensor& rstd,
+    int64_t n_heads, int64_t act, double ln_eps) {
+  return gca_backward(kCpuKernels, "gca_bwd (cpp)", c10::DeviceType::CPU, kCpuDtypes, dy, dcos,
+                      x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b, kpm,
+                      am, q, kv, o, lse, xp, h, g, mean, rstd, n_heads, act, ln_eps);
+}
+
+}  // namespace gca

@@ -1,0 +1,118 @@
+"""Build of gca-kernels: the pure-Python package plus two optional compiled extensions.
+
+- ``gca_kernels._C``: the C++ (CPU) backend, built wherever torch and a C++ compiler exist.
+- ``gca_kernels._C_cuda``: the CUDA backend, built only where torch was built with CUDA
+  (``torch.version.cuda``) AND a CUDA toolkit (``CUDA_HOME``/``CUDA_PATH`` or ``nvcc`` on PATH)
+  is found. Set ``GCA_NO_EXTENSIONS=1`` to skip both, ``GCA_NO_CUDA=1`` to skip the CUDA one.
+
+The extensions compile against the installed torch, so install with torch already present:
+
+    pip install --no-build-isolation .          # or, for the source tree:
+    python setup.py build_ext --inplace
+
+A failed or skipped extension never fails the install: the package then runs on its other
+backends (eager at least) and ``gca_kernels.available_backends()`` shows what was built.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("csrc")
+CPU_SOURCES = ["bindings.cpp", "gca_core.cpp", "gca_cpu.cpp", "cosine_cpu.cpp"]
+CUDA_SOURCES = ["bindings_cuda.cpp", "gca_core.cpp", "gca_cuda.cu", "cosine_cuda.cu"]
+# -O3 and OpenMP; no -march=native: the wheel may run on another CPU than the one building it.
+CXX_FLAGS = ["-O3", "-fopenmp"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+
+
+def _log(msg: str) -> None:
+    print(f"[gca-kernels setup] {msg}", file=sys.stderr)
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_toolkit() -> str | None:
+    """The CUDA toolkit root, found without calling any torch CUDA helper."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(var)
+        if root and os.path.exists(os.path.join(root, "bin", "nvcc")):
+            return root
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    return None
+
+
+def _extensions_and_cmdclass():
+    if _truthy("GCA_NO_EXTENSIONS"):
+        _log("GCA_NO_EXTENSIONS is set: building the pure-Python package only (eager backend).")
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except Exception as exc:  # torch missing at build time (e.g. build isolation)
+        _log(f"torch is not importable ({type(exc).__name__}: {exc}); the C++/CUDA backends are "
+             "NOT built. Install torch first, then: pip install --no-build-isolation .")
+        return [], {}
+
+    src = lambda names: [os.path.join(CSRC, n) for n in names]  # noqa: E731
+    exts = [CppExtension("gca_kernels._C", src(CPU_SOURCES),
+                         extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"])]
+
+    toolkit = None if _truthy("GCA_NO_CUDA") else _cuda_toolkit()
+    if _truthy("GCA_NO_CUDA"):
+        _log("GCA_NO_CUDA is set: skipping the CUDA extension.")
+    elif torch.version.cuda is None:
+        _log(f"torch {torch.__version__} has no CUDA support: skipping the CUDA extension.")
+    elif toolkit is None:
+        _log("no CUDA toolkit found (CUDA_HOME/CUDA_PATH unset and no nvcc on PATH): "
+             "skipping the CUDA extension.")
+    else:
+        os.environ.setdefault("CUDA_HOME", toolkit)
+        from torch.utils.cpp_extension import CUDAExtension  # needs a toolkit: imported only now
+
+        exts.append(CUDAExtension("gca_kernels._C_cuda", src(CUDA_SOURCES),
+                                  extra_compile_args={"cxx": ["-O3"], "nvcc": NVCC_FLAGS}))
+
+    class TolerantBuildExtension(BuildExtension):
+        """Builds each extension on its own; a failure is logged and the install goes on."""
+
+        def build_extensions(self):
+            self.failed = []
+            super().build_extensions()
+            if self.failed:
+                self.extensions = [e for e in self.extensions if e.name not in self.failed]
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+                _log(f"built {ext.name}")
+            except Exception as exc:  # compiler missing or compile error: keep the package usable
+                self.failed.append(ext.name)
+                _log(f"FAILED to build {ext.name} ({type(exc).__name__}: {exc}). The package still "
+                     "installs; that backend is unavailable (see gca_kernels.available_backends()).")
+
+        def copy_extensions_to_source(self):
+            # --inplace: copy only what was built
+            failed = set(getattr(self, "failed", []))
+            self.extensions = [e for e in self.extensions if e.name not in failed]
+            super().copy_extensions_to_source()
+
+    return exts, {"build_ext": TolerantBuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+ext_modules, cmdclass = _extensions_and_cmdclass()
+
+setup(
+    packages=find_packages(where=HERE, include=["gca_kernels*", "models*", "cdsr*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
