@@ -1,11 +1,14 @@
 """Triton backend of the GCA operator (forward and backward) and its registration.
 
 The dense projections q/k/v = x W^T + b and the weight-gradient GEMMs of backward are left to
-torch matmul; everything between them runs in four Triton kernels.
+torch matmul; everything between them runs in five Triton kernels (two forward, three backward).
+Saved for backward: the inputs and weights, q/k/v (the projections' outputs), o, the
+logsumexp and the LayerNorm mean/rstd per row: O((B * (La + Lb)) * d) memory, never
+O(La * Lb), and neither h (B * La x gate width) nor ``[x_a ; x']``.
 
 Forward (2 kernels)
 -------------------
-``_attn_fwd_kernel``, grid (La blocks, B * H): flash attention over the visible keys. The
+``_attn_fwd_kernel``, grid (B * H, La blocks): flash attention over the visible keys. The
 key-padding mask (B, Lb) and the attention mask (Bm, La, Lb), Bm in {1, B} (broadcast by a
 zero batch stride), are applied in registers; an online softmax accumulates ``p v`` so the
 (La x Lb) score/probability matrix never reaches global memory. Writes ``o`` (B, La, d) in the
@@ -31,12 +34,12 @@ backward (dln_w/dln_b as per-program partial sums reduced in torch), the gate ba
 ``do = (dx' * has_key) Wo``. It writes the row tensors the weight-gradient GEMMs need
 (``dg_pre``, ``dh_pre``, ``h``, ``x'``, ``dx' * has_key``) and the row-local part of ``dx_a``.
 
-``_attn_bwd_dq_kernel``, grid (La blocks, B * H): recomputes ``p = exp(q k^T / sqrt(dh) - lse)``
+``_attn_bwd_dq_kernel``, grid (B * H, La blocks): recomputes ``p = exp(q k^T / sqrt(dh) - lse)``
 and ``dp = do v^T`` over the visible keys twice: a first pass sums ``delta = sum_j p dp`` (stored
 for the next kernel; equal to flash attention's ``rowsum(do * o)`` but exact where a row has a
 single visible key, so ``ds`` is exactly 0 there as in eager autograd), the second accumulates
 ``dq``.
-``_attn_bwd_dkdv_kernel``, grid (Lb blocks, B * H): recomputes ``p`` the same way for its key
+``_attn_bwd_dkdv_kernel``, grid (B * H, Lb blocks): recomputes ``p`` the same way for its key
 block over all query blocks and accumulates ``dk`` and ``dv``.
 No kernel uses atomics: every output element is written by exactly one program and every
 reduction has a fixed order, so results are bit-identical run to run.
@@ -51,9 +54,12 @@ kernels to torch are kept in the accumulation dtype. Scalars (LayerNorm eps, COS
 1/sqrt(dh)) travel in a small tensor of the accumulation dtype: a Python float argument would
 be rounded to float32 by Triton. Any La, Lb >= 1, any d with n_heads | d (blocks are the next
 power of two >= 16 of d, dh and the gate width, masked), any number of heads, any gate width.
-Offsets of batch and row strides are 64-bit. The row-wise kernels hold a (rows x d) tile per
-row block, so very wide models (d in the thousands) would spill registers on a GPU; the block
-sizes are fixed heuristics (no autotuning), so GPU speed is not tuned.
+Offsets of batch and row strides are 64-bit; B * H goes on the grid's first axis (2^31 - 1
+programs) and sequence blocks on the second (65535 blocks). The row-wise kernels hold a
+(rows x d) tile per row block, so very wide models (d in the thousands) would spill registers
+on a GPU. Speed is not tuned: half-precision inputs are upcast and multiplied in float32 on
+FMA units (no tensor cores); GPU block sizes are fixed (no autotuning), chosen from sm_90
+compile-only register/spill reports (ptxas -v), never timed on a GPU.
 """
 
 from __future__ import annotations
@@ -132,8 +138,8 @@ def _attn_fwd_kernel(
     HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -190,8 +196,8 @@ def _attn_bwd_dq_kernel(
     HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -257,8 +263,8 @@ def _attn_bwd_dkdv_kernel(
     HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -536,8 +542,10 @@ def _attn_blocks(la: int, lb: int, dh: int) -> Tuple[int, int, int, int]:
         # the interpreter pays per program and per loop step, not per element
         cap = max(16, _INTERP_MAX_SEQ_BLOCK)
         return min(cap, _p2(la)), min(cap, _p2(lb)), block_dh, 4
-    block = 64 if block_dh <= 64 else 32
-    return min(block, _p2(la)), min(block, _p2(lb)), block_dh, 4 if block_dh <= 64 else 8
+    # ieee float32 dots run on FMA units: 32 x 32 tiles with 8 warps kept ptxas (sm_90,
+    # dh = 32) at no spills in forward and a few bytes in backward; 64 x 64 spilled heavily
+    block = 32 if block_dh <= 64 else 16
+    return min(block, _p2(la)), min(block, _p2(lb)), block_dh, 8
 
 
 def _row_blocks(d: int, hid: int) -> Tuple[int, int, int, int, int]:
@@ -545,7 +553,8 @@ def _row_blocks(d: int, hid: int) -> Tuple[int, int, int, int, int]:
     if _interpreted():
         cap = max(16, _INTERP_MAX_CHUNK)
         return 16, block_d, min(block_d, cap), min(block_h, cap), 4
-    return 16, block_d, min(block_d, 64), min(block_h, 64), 4 if block_d <= 128 else 8
+    # 16-wide Wo / hidden chunks and 8 warps: no spills in forward at d = 128 (sm_90 ptxas)
+    return 16, block_d, 16, 16, 8
 
 
 def _mask_args(key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], dummy: Tensor):
@@ -586,7 +595,7 @@ def gca_forward(
     o = torch.empty_like(q)
     lse = torch.empty(bsz, n_heads, la, dtype=acc, device=x_a.device)
     bm, bn, bdh, nw = _attn_blocks(la, lb, dh)
-    _attn_fwd_kernel[(triton.cdiv(la, bm), bsz * n_heads)](
+    _attn_fwd_kernel[(bsz * n_heads, triton.cdiv(la, bm))](
         q, k, v, kpm, am, scal, o, lse, la, lb, d, dh, n_heads, stride_amb,
         HAS_KPM=key_padding_mask is not None, HAS_AM=attn_mask is not None, ACC=tl_acc(x_a.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_DH=bdh, num_warps=nw)
@@ -658,9 +667,9 @@ def gca_backward(
     bm, bn, bdh, nw = _attn_blocks(la, lb, dh)
     common = dict(HAS_KPM=key_padding_mask is not None, HAS_AM=attn_mask is not None,
                   ACC=tl_acc(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_DH=bdh, num_warps=nw)
-    _attn_bwd_dq_kernel[(triton.cdiv(la, bm), bsz * n_heads)](
+    _attn_bwd_dq_kernel[(bsz * n_heads, triton.cdiv(la, bm))](
         q, k, v, do, lse, kpm, am, scal, delta, dq, la, lb, d, dh, n_heads, stride_amb, **common)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(lb, bn), bsz * n_heads)](
+    _attn_bwd_dkdv_kernel[(bsz * n_heads, triton.cdiv(lb, bn))](
         q, k, v, do, lse, delta, kpm, am, scal, dk, dv, la, lb, d, dh, n_heads, stride_amb, **common)
 
     # weight gradients: plain GEMMs over the row tensors the kernels wrote
