@@ -209,10 +209,12 @@ std::vector<at::Tensor> gca_backward(
   K.gate_out_bwd(dy.view({N, d}), dcos.view({N}), xa, xp, g, opt(ln_w), mean, rstd, dg_pre, dxp,
                  dxa, dln_w, dln_b, act, dm);
 
+  // Buffers are reused once dead (the custom op keeps every saved tensor alive until it
+  // returns, so unlike eager autograd nothing is freed early: reuse keeps the peak below eager's).
   at::Tensor dw2 = dg_pre.t().mm(h);
   at::Tensor db2 = dg_pre.sum(0);
-  at::Tensor dh = at::threshold_backward(dg_pre.mm(w2), h, 0);  // relu': h was stored post-relu
-  dg_pre.reset();
+  at::Tensor dh = dg_pre.mm(w2);
+  at::threshold_backward_out(dh, dh, h, 0);  // relu': h was stored post-relu
   at::Tensor db1 = dh.sum(0);
   at::Tensor dw1 = at::cat({dh.t().mm(xa), dh.t().mm(xp)}, 1);
   dxa.addmm_(dh, w1a);
@@ -223,12 +225,12 @@ std::vector<at::Tensor> gca_backward(
 
   at::Tensor dbo = dxp.sum(0);
   at::Tensor dwo = dxp.t().mm(o);
-  at::Tensor dout = dxp.mm(wo);
-  dxp.reset();
-  at::Tensor dq = at::empty({N, d}, opts);
+  at::Tensor dout = at::mm_out(dg_pre, dxp, wo);  // dg_pre is dead: its buffer takes d(o)
+  at::Tensor dq = std::move(dxp);                  // dxp dies as d(o) is formed: dq takes it
   at::Tensor dkv = at::zeros({M, 2 * d}, opts);
   K.attn_bwd(q, kv, o, dout, lse, opt(kpm), opt(am), dq, dkv, dm);
   dout.reset();
+  dg_pre.reset();
 
   at::Tensor dwq = dq.t().mm(xa);
   at::Tensor dbq = dq.sum(0);

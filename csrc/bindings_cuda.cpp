@@ -1,0 +1,14 @@
+// Python bindings of the CUDA extension gca_kernels._C_cuda. gca_kernels/ops/cpp.py wraps
+// these in torch.library custom ops; call them through gca_kernels, not directly.
+#include <torch/extension.h>
+
+#include "gca_cuda.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "gca_kernels CUDA backend: fused GCA and cosine-alignment, cuBLAS + CUDA row kernels";
+  m.def("gca_fwd", &gca::gca_fwd_cuda, "GCA forward: (y, cos, q, kv, o, lse, xp, h, g, mean, rstd)");
+  m.def("gca_bwd", &gca::gca_bwd_cuda,
+        "GCA backward: gradients of x_a, x_b, the 12 weights/biases and ln_w/ln_b");
+  m.def("cos_fwd", &gca::cos_fwd_cuda, "cosine alignment forward (0-dim)");
+  m.def("cos_bwd", &gca::cos_bwd_cuda, "cosine alignment backward: (dx, dy)");
+}

@@ -1,0 +1,268 @@
+"""The C++ (CPU) backend on its own: every operator output and gradient against the float64
+reference over a wide case grid, gradcheck, opcheck of the custom ops, determinism,
+torch.compile, and the argument checks of the compiled entry points.
+
+Skipped (with the reason) when the extension is not built; build it with
+``python setup.py build_ext --inplace``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gca_kernels
+from gca_kernels.backends import resolve
+from gca_kernels.reference import cosine_alignment_ref
+
+from .gca_cases import Case, cast_problem, make_problem
+
+if "cpp" not in gca_kernels.available_backends():
+    from gca_kernels.backends import _LOAD_ERRORS
+
+    pytest.skip(f"cpp backend not built: {_LOAD_ERRORS.get('cpp')}", allow_module_level=True)
+
+from gca_kernels.ops import cpp as cpp_ops  # noqa: E402
+
+_C = cpp_ops._C
+
+# La != Lb, odd lengths, d in {16, 48, 80, 128}, 1..8 heads, both activations, LN on/off,
+# padding, 2-D/3-D causal masks, fully masked query rows, fully padded batch rows
+CASES = [
+    Case(2, 1, 7, 16, 1),
+    Case(2, 7, 1, 16, 2, "tanh"),
+    Case(3, 33, 7, 48, 4, "sigmoid", layer_norm=False, causal="2d"),
+    Case(2, 7, 33, 80, 8, "tanh", causal="3d", full_pad_row=True),
+    Case(2, 33, 33, 128, 2, "sigmoid", causal="2d", masked_query=True),
+    Case(2, 7, 7, 128, 1, "tanh", layer_norm=False, padding=False),
+    Case(3, 9, 33, 48, 2, "tanh", causal="3d", masked_query=True, full_pad_row=True, gate_hidden=20),
+    Case(2, 33, 1, 80, 4, "sigmoid", full_pad_row=True),
+    Case(1, 7, 9, 16, 8, "sigmoid", layer_norm=False, masked_query=True),
+]
+
+
+def run(p, backend, seed=1):
+    y, cos = gca_kernels.gated_cross_attention(
+        p["x_a"], p["x_b"], *p["params"][:12], ln_w=p["params"].ln_w, ln_b=p["params"].ln_b,
+        key_padding_mask=p["key_padding_mask"], attn_mask=p["attn_mask"], n_heads=p["n_heads"],
+        activation=p["activation"], need_alignment=True, backend=backend)
+    g = torch.Generator().manual_seed(seed)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
+    gc = torch.randn(cos.shape, generator=g, dtype=torch.float64).to(cos.dtype)
+    grads = torch.autograd.grad((y * gy).sum() + (cos * gc).sum(), list(p["leaves"].values()))
+    return {"y": y.detach(), "cos": cos.detach(), **{"d_" + k: v for k, v in zip(p["leaves"], grads)}}
+
+
+def rel_err(a, ref, scale=None):
+    s = scale if scale is not None else ref.abs().max().item()
+    return (a.double() - ref).abs().max().item() / max(s, 1e-30)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_forward_and_every_gradient_match_float64_reference(case):
+    base = make_problem(case)
+    ref = run(cast_problem(base, torch.float64), "eager")
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        out = run(cast_problem(base, dtype), "cpp")
+        assert set(out) == set(ref)
+        for k, r in ref.items():
+            assert out[k].dtype == dtype and torch.isfinite(out[k]).all(), k
+            # d_bk is zero in theory (softmax is shift-invariant): judge its noise on d_bq's scale
+            scale = ref["d_bq"].abs().max().item() if k == "d_bk" else None
+            e = rel_err(out[k], r, scale)
+            assert e < tol, f"{dtype} {k}: rel err {e:.2e} >= {tol:.0e}"
+
+
+@pytest.mark.parametrize("case", [Case(2, 3, 4, 8, 2, "tanh", causal="3d", full_pad_row=True),
+                                  Case(1, 4, 3, 6, 1, "sigmoid", layer_norm=False, masked_query=True)],
+                         ids=str)
+def test_gradcheck(case):
+    p = cast_problem(make_problem(case), torch.float64)
+    names = list(p["leaves"])
+    P = p["params"]._asdict()
+
+    def fn(*leaves):
+        d = dict(zip(names, leaves))
+        return gca_kernels.gated_cross_attention(
+            d["x_a"], d["x_b"], **{k: d.get(k, P[k]) for k in P},
+            key_padding_mask=p["key_padding_mask"], attn_mask=p["attn_mask"],
+            n_heads=p["n_heads"], activation=p["activation"], need_alignment=True, backend="cpp")
+
+    assert torch.autograd.gradcheck(fn, tuple(p["leaves"].values()), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_auto_picks_cpp_on_cpu():
+    assert resolve("auto", torch.device("cpu"), torch.float32).name == "cpp"
+    assert resolve("auto", torch.device("cpu"), torch.float64).name == "cpp"
+
+
+def test_rejects_half_precision_with_a_reason():
+    with pytest.raises(gca_kernels.BackendUnavailableError, match="float32 and float64"):
+        resolve("cpp", torch.device("cpu"), torch.bfloat16)
+
+
+def test_fully_masked_rows():
+    case = Case(3, 6, 5, 16, 2, full_pad_row=True, masked_query=True)
+    p = cast_problem(make_problem(case), torch.float32)
+    out = run(p, "cpp")
+    assert all(torch.isfinite(v).all() for v in out.values())
+    P = p["params"]
+    ln = torch.nn.functional.layer_norm(p["x_a"].detach(), (16,), P.ln_w.detach(), P.ln_b.detach(), 1e-5)
+    torch.testing.assert_close(out["y"][0], ln[0], rtol=1e-5, atol=1e-5)  # every key padded
+    torch.testing.assert_close(out["y"][:, 0], ln[:, 0], rtol=1e-5, atol=1e-5)  # row sees nothing
+    assert (out["cos"][0] == 0).all() and (out["cos"][:, 0] == 0).all()
+    # x' is exactly 0 there: the output bias must receive nothing from those rows
+    only_masked = make_problem(Case(1, 2, 3, 16, 1, padding=False))
+    only_masked["key_padding_mask"] = torch.ones(1, 3, dtype=torch.bool)
+    g = run(cast_problem(only_masked, torch.float64), "cpp")
+    assert torch.equal(g["d_bo"], torch.zeros_like(g["d_bo"]))
+    assert torch.equal(g["d_wq"], torch.zeros_like(g["d_wq"]))
+
+
+def test_deterministic_bitwise():
+    base = make_problem(Case(3, 17, 13, 48, 4, "tanh", causal="3d", full_pad_row=True))
+    a = run(cast_problem(base, torch.float32), "cpp")
+    b = run(cast_problem(base, torch.float32), "cpp")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _op_args(case, dtype=torch.float64):
+    p = cast_problem(make_problem(case), dtype)
+    P = p["params"]
+    leaves = [p["x_a"], p["x_b"], *P[:12], P.ln_w, P.ln_b]
+    return leaves, p
+
+
+@pytest.mark.parametrize("case", [Case(2, 3, 4, 8, 2, causal="2d"),
+                                  Case(2, 4, 3, 8, 1, "tanh", layer_norm=False, padding=False)], ids=str)
+def test_opcheck_gca(case):
+    leaves, p = _op_args(case)
+    am = p["attn_mask"]
+    am = am[None] if am is not None and am.dim() == 2 else am  # the op takes (Bm, La, Lb)
+    args = (*leaves, p["key_padding_mask"], am, p["n_heads"],
+            0 if p["activation"] == "sigmoid" else 1, 1e-5)
+    torch.library.opcheck(torch.ops.gca_kernels.cpp_gca_fwd.default, args)
+
+
+def test_opcheck_cosine():
+    x = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(9) < 0.6
+    torch.library.opcheck(torch.ops.gca_kernels.cpp_cos_fwd.default, (x, y, mask, True))
+    torch.library.opcheck(torch.ops.gca_kernels.cpp_cos_fwd.default, (x, y, None, False))
+
+
+def test_compile_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+    m = gca_kernels.FusedGCA(24, n_heads=3, activation="sigmoid", backend="cpp").double()
+    x_a = torch.randn(2, 5, 24, dtype=torch.float64, requires_grad=True)
+    x_b = torch.randn(2, 7, 24, dtype=torch.float64)
+    kpm = torch.rand(2, 7) < 0.3
+    causal = torch.ones(5, 7, dtype=torch.bool).triu(1)
+    y0, c0 = m(x_a, x_b, kpm, causal, need_alignment=True)
+    g0 = torch.autograd.grad(y0.sum() + c0.sum(), [x_a, *m.parameters()])
+    y1, c1 = torch.compile(m, fullgraph=True)(x_a, x_b, kpm, causal, need_alignment=True)
+    g1 = torch.autograd.grad(y1.sum() + c1.sum(), [x_a, *m.parameters()])
+    torch.testing.assert_close(y1, y0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c1, c0, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 16), (1000, 48), (3, 33, 80)], ids=str)
+@pytest.mark.parametrize("absolute", [True, False])
+@pytest.mark.parametrize("masked", [True, False])
+def test_cosine_alignment(shape, absolute, masked):
+    g = torch.Generator().manual_seed(0)
+    x64 = torch.randn(*shape, generator=g, dtype=torch.float64)
+    y64 = 0.3 * x64 + torch.randn(*shape, generator=g, dtype=torch.float64)
+    y64.view(-1, shape[-1])[0] = 0  # a zero row: cos = 0, finite gradient
+    mask = (torch.rand(shape[:-1], generator=g) < 0.6) if masked else None
+    x64.requires_grad_(True), y64.requires_grad_(True)
+    ref = cosine_alignment_ref(x64, y64, mask, absolute)
+    rx, ry = torch.autograd.grad(ref * 0.7, (x64, y64))
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        x = x64.detach().to(dtype).requires_grad_(True)
+        y = y64.detach().to(dtype).requires_grad_(True)
+        out = gca_kernels.cosine_alignment(x, y, mask=mask, absolute=absolute, backend="cpp")
+        assert out.dim() == 0 and out.dtype == dtype
+        gx, gy = torch.autograd.grad(out * 0.7, (x, y))
+        assert abs(out.item() - ref.item()) <= tol * max(abs(ref.item()), 1e-3)
+        assert rel_err(gx, rx) < tol and rel_err(gy, ry) < tol
+
+
+def test_cosine_bitwise_across_thread_counts():
+    x = torch.randn(3000, 40, requires_grad=True)
+    y = torch.randn(3000, 40, requires_grad=True)
+    mask = torch.rand(3000) < 0.5
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            v = gca_kernels.cosine_alignment(x, y, mask=mask, backend="cpp")
+            outs.append((v.detach(), *torch.autograd.grad(v, (x, y))))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+# --- argument checks of the compiled entry points (called directly, bypassing functional.py)
+
+def _raw_args(B=2, La=3, Lb=4, d=8, hid=8, dtype=torch.float32):
+    t = lambda *s: torch.randn(*s, dtype=dtype)  # noqa: E731
+    return [t(B, La, d), t(B, Lb, d), t(d, d), t(d), t(d, d), t(d), t(d, d), t(d), t(d, d), t(d),
+            t(hid, 2 * d), t(hid), t(d, hid), t(d), t(d), t(d), None, None, 2, 0, 1e-5]
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda a: a.__setitem__(0, a[0].double()), "x_a has dtype Double"),
+    (lambda a: a.__setitem__(0, a[0].long()), "x_a has dtype Long"),
+    (lambda a: a.__setitem__(2, a[2].double()), "wq has dtype Double"),
+    (lambda a: a.__setitem__(1, torch.randn(3, 4, 8)), r"x_b must have shape \[2, 4, 8\]"),
+    (lambda a: a.__setitem__(4, torch.randn(8, 7)), r"wk must have shape \[8, 8\]"),
+    (lambda a: a.__setitem__(11, torch.randn(9)), r"b1 must have shape \[8\]"),
+    (lambda a: a.__setitem__(0, torch.randn(2, 8, 3).transpose(1, 2)), "x_a .* must be contiguous"),
+    (lambda a: a.__setitem__(0, torch.randn(6, 8)), r"x_a must be \(B, La, d\)"),
+    (lambda a: a.__setitem__(16, torch.zeros(2, 5, dtype=torch.bool)), r"key_padding_mask must have shape \(B, Lb\)"),
+    (lambda a: a.__setitem__(16, torch.zeros(2, 4)), "key_padding_mask must be a bool tensor"),
+    (lambda a: a.__setitem__(17, torch.zeros(3, 3, 4, dtype=torch.bool)), "attn_mask must have shape"),
+    (lambda a: a.__setitem__(18, 3), "n_heads=3 must divide d=8"),
+    (lambda a: a.__setitem__(19, 5), "activation code"),
+    (lambda a: a.__setitem__(15, None), "ln_w and ln_b must both be given"),
+])
+def test_entry_point_argument_checks(mutate, message):
+    args = _raw_args()
+    _C.gca_fwd(*args)  # the unmodified call is valid
+    mutate(args)
+    with pytest.raises(RuntimeError, match=message):
+        _C.gca_fwd(*args)
+
+
+def test_entry_point_rejects_meta_device_and_bad_backward_shapes():
+    args = _raw_args()
+    meta = list(args)
+    meta[0] = torch.empty(2, 3, 8, device="meta")
+    with pytest.raises(RuntimeError, match="x_a must be a CPU tensor"):
+        _C.gca_fwd(*meta)
+    outs = _C.gca_fwd(*args)
+    y = outs[0]
+    with pytest.raises(RuntimeError, match=r"dy must have shape"):
+        _C.gca_bwd(torch.randn(2, 3, 7), torch.randn(2, 3), *args[:18], *outs[2:], 2, 0, 1e-5)
+    with pytest.raises(RuntimeError, match=r"lse .*shape"):
+        _C.gca_bwd(torch.randn_like(y), torch.randn(2, 3), *args[:18], *outs[2:5],
+                   torch.zeros(6, 3), *outs[6:], 2, 0, 1e-5)
+
+
+def test_cosine_entry_point_checks():
+    x, y = torch.randn(5, 4), torch.randn(5, 4)
+    with pytest.raises(RuntimeError, match=r"y must have shape \[5, 4\]"):
+        _C.cos_fwd(x, torch.randn(5, 3), None, True)
+    with pytest.raises(RuntimeError, match="mask must be a bool tensor"):
+        _C.cos_fwd(x, y, torch.ones(5), True)
+    with pytest.raises(RuntimeError, match="supports Float/Double"):
+        _C.cos_fwd(x.half(), y.half(), None, True)
+    with pytest.raises(RuntimeError, match=r"x must be \(rows, d\)"):
+        _C.cos_fwd(torch.randn(2, 5, 4), torch.randn(2, 5, 4), None, True)
