@@ -35,7 +35,7 @@ inline void row_stats(const T* a, const T* b, int64_t d, A& dt, A& na2, A& nb2) 
 }
 
 template <typename T>
-at::Tensor cos_fwd_impl(const at::Tensor& x_t, const at::Tensor& y_t, const bool* mask,
+GCA_CPU_CLONES at::Tensor cos_fwd_impl(const at::Tensor& x_t, const at::Tensor& y_t, const bool* mask,
                         bool absolute) {
   using A = at::opmath_type<T>;
   const int64_t R = x_t.size(0), d = x_t.size(1);
@@ -71,7 +71,7 @@ at::Tensor cos_fwd_impl(const at::Tensor& x_t, const at::Tensor& y_t, const bool
 }
 
 template <typename T>
-void cos_bwd_impl(double gout, const at::Tensor& x_t, const at::Tensor& y_t, const bool* mask,
+GCA_CPU_CLONES void cos_bwd_impl(double gout, const at::Tensor& x_t, const at::Tensor& y_t, const bool* mask,
                   bool absolute, at::Tensor& dx_t, at::Tensor& dy_t) {
   using A = at::opmath_type<T>;
   const int64_t R = x_t.size(0), d = x_t.size(1);

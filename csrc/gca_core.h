@@ -11,6 +11,14 @@
 #include <optional>
 #include <vector>
 
+// x86-64 builds must run on any x86-64 CPU (no -march=native), yet the row loops want AVX2/
+// AVX-512: GCC emits one clone per ISA and picks the best at load time (ifunc, glibc).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define GCA_CPU_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define GCA_CPU_CLONES
+#endif
+
 namespace gca {
 
 // Denominator floor of the per-row cosine (gca_kernels.reference.COS_EPS).

@@ -40,7 +40,7 @@ inline A dot(const T* a, const T* b, int64_t n) {
 }
 
 template <typename T>
-void attn_fwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t, const at::Tensor& kpm_t,
+GCA_CPU_CLONES void attn_fwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t, const at::Tensor& kpm_t,
                    const at::Tensor& am_t, at::Tensor& o_t, at::Tensor& lse_t, const Dims& dm) {
   using A = at::opmath_type<T>;
   const int64_t La = dm.La, Lb = dm.Lb, d = dm.d, H = dm.H, dh = d / H;
@@ -96,7 +96,7 @@ void attn_fwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t, const at::Tens
 }
 
 template <typename T>
-void attn_bwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t, const at::Tensor& o_t,
+GCA_CPU_CLONES void attn_bwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t, const at::Tensor& o_t,
                    const at::Tensor& do_t, const at::Tensor& lse_t, const at::Tensor& kpm_t,
                    const at::Tensor& am_t, at::Tensor& dq_t, at::Tensor& dkv_t, const Dims& dm) {
   using A = at::opmath_type<T>;
@@ -165,7 +165,7 @@ inline void row_cos(A dot_, A na2, A nb2, A& cos, A& den) {
 }
 
 template <typename T>
-void xprime_fwd_impl(at::Tensor& xp_t, const at::Tensor& bo_t, const at::Tensor& lse_t,
+GCA_CPU_CLONES void xprime_fwd_impl(at::Tensor& xp_t, const at::Tensor& bo_t, const at::Tensor& lse_t,
                      const at::Tensor& xa_t, at::Tensor& cos_t, const Dims& dm) {
   using A = at::opmath_type<T>;
   const int64_t N = dm.B * dm.La, d = dm.d, H = dm.H;
@@ -200,7 +200,7 @@ void xprime_fwd_impl(at::Tensor& xp_t, const at::Tensor& bo_t, const at::Tensor&
 }
 
 template <typename T>
-void gate_out_fwd_impl(const at::Tensor& xa_t, const at::Tensor& xp_t, at::Tensor& g_t,
+GCA_CPU_CLONES void gate_out_fwd_impl(const at::Tensor& xa_t, const at::Tensor& xp_t, at::Tensor& g_t,
                        const at::Tensor& lnw_t, const at::Tensor& lnb_t, at::Tensor& y_t,
                        at::Tensor& mean_t, at::Tensor& rstd_t, int64_t act, double eps,
                        const Dims& dm) {
@@ -253,7 +253,7 @@ void gate_out_fwd_impl(const at::Tensor& xa_t, const at::Tensor& xp_t, at::Tenso
 }
 
 template <typename T>
-void gate_out_bwd_impl(const at::Tensor& dy_t, const at::Tensor& dcos_t, const at::Tensor& xa_t,
+GCA_CPU_CLONES void gate_out_bwd_impl(const at::Tensor& dy_t, const at::Tensor& dcos_t, const at::Tensor& xa_t,
                        const at::Tensor& xp_t, const at::Tensor& g_t, const at::Tensor& lnw_t,
                        const at::Tensor& mean_t, const at::Tensor& rstd_t, at::Tensor& dgp_t,
                        at::Tensor& dxp_t, at::Tensor& dxa_t, at::Tensor& dlnw_t,

@@ -117,6 +117,9 @@ def _define_ops(prefix: str, ext):
         (x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b,
          kpm, am, n_heads, activation, ln_eps) = inputs
         _, _, q, kv, o, lse, xp, h, g, mean, rstd = output
+        # Only y and cos carry gradients; without this autograd would allocate and zero-fill a
+        # gradient for each of the nine saved intermediates on every backward (time and memory).
+        ctx.set_materialize_grads(False)
         ctx.has_ln = ln_w is not None
         ctx.has_kpm, ctx.has_am = kpm is not None, am is not None
         ctx.meta = (n_heads, activation, ln_eps)
