@@ -120,7 +120,10 @@ def test_gradcheck_float64(backend, case):
             need_alignment=True, backend=backend)
         return y, cos
 
-    assert torch.autograd.gradcheck(fn, tuple(p["leaves"].values()), eps=1e-6, atol=1e-6, rtol=1e-5)
+    # The Triton interpreter costs ~0.1 s a call: check a random projection of the Jacobian
+    # (fast mode) there, the full Jacobian elsewhere.
+    assert torch.autograd.gradcheck(fn, tuple(p["leaves"].values()), eps=1e-6, atol=1e-6, rtol=1e-5,
+                                    fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
