@@ -50,8 +50,9 @@ def plan(models_: Sequence[str], datasets: Sequence[str], seeds: Sequence[int], 
         if len(stack_pos) < 2:
             raise ValueError(f"--stack needs at least two GCA positions (a stack), got {list(stack)}")
         for data in datasets:
-            for variant, positions in (("bare", []), ("GCA_early", early), ("GCA_stack", stack_pos)):
-                for seed in seeds:
+            # Seed-major: a sweep stopped part-way has every variant at the seeds it reached.
+            for seed in seeds:
+                for variant, positions in (("bare", []), ("GCA_early", early), ("GCA_stack", stack_pos)):
                     cfg = run_config(model, data, seed, preset_name=preset_name, epochs=epochs, device=device,
                                      threads=threads, sets=sets, controlled={"gca_positions": positions})
                     specs.append(RunSpec({"model": model, "data": data, "variant": variant,
