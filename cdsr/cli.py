@@ -27,6 +27,7 @@ NAMED = {
     "cache_dir": "cache_dir", "gca": "gca_positions", "gca_activation": "gca_activation",
     "gca_layernorm": "gca_layer_norm", "heads": "gca_heads", "hidden": "hidden", "seed": "seed",
     "epochs": "epochs", "device": "device", "batch_size": "batch_size", "lr": "lr",
+    "scale_to_match": "scale_to_match",
 }
 
 
@@ -52,7 +53,7 @@ def _data_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdsr", description="Cross-domain sequential recommendation with GCA.")
     parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,data}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,data,experiment}")
 
     t = sub.add_parser("train", help="train and evaluate a model (writes results.json)")
     t.add_argument("--model", default="sasrec", metavar="M", help=f"backbone: {', '.join(models.MODEL_NAMES)}")
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-gca-layernorm", dest="gca_layernorm", action="store_false")
     t.add_argument("--heads", type=int, default=None, metavar="H", help="GCA attention heads")
     t.add_argument("--hidden", type=int, default=None, metavar="N", help="hidden size")
+    t.add_argument("--scale-to-match", type=int, nargs="+", default=None, metavar="I",
+                   help="parameter-matched baseline: widen the bare backbone to the parameter count "
+                        "of backbone + GCA at these positions (e.g. --scale-to-match 0)")
     t.add_argument("--seed", type=int, default=None, metavar="S")
     t.add_argument("--epochs", type=int, default=None, metavar="E")
     t.add_argument("--batch-size", type=int, default=None, metavar="B")
@@ -83,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="{stats}")
     s = dsub.add_parser("stats", help="print a dataset's size and density")
     _data_options(s)
+    # The paper's experiments live one layer up (cdsr.experiments calls the trainer); they are
+    # imported here so `cdsr experiment ...` and `python -m cdsr.experiments ...` are one CLI.
+    from cdsr.experiments.cli import add_parser as add_experiment_parser
+    add_experiment_parser(sub)
     return parser
 
 
@@ -186,6 +194,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_train(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command == "experiment":
+            from cdsr.experiments.cli import handle as run_experiment
+            return run_experiment(args)
         if args.command == "data" and args.data_command == "stats":
             return cmd_data_stats(args)
     except (ConfigError, DataError) as e:

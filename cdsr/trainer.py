@@ -282,6 +282,8 @@ class Trainer:
             "data": self.dataset.name,
             "dataset": self.dataset.stats(),
             "n_params": self.n_params,
+            # a parameter-matched baseline (scale_to_match) also records the count it matches
+            "n_params_target": getattr(self.model, "n_params_target", self.n_params),
             "best_epoch": self.best_epoch,
             "epochs_run": self.epoch,
             "valid": self.best_valid,

@@ -77,3 +77,22 @@ def test_data_stats_csv(tmp_path, capsys):
     assert "users        6" in out and "items        3 / 4" in out and "interactions 42" in out
     assert main(["data", "stats", "--data", "csv"]) == 2
     assert "--csv-a" in capsys.readouterr().err
+
+
+def test_scale_to_match_records_both_parameter_counts(tmp_path, capsys):
+    out = tmp_path / "scaled"
+    assert main(["train", "--model", "cdsrnp", "--scale-to-match", "0", "--epochs", "1", "--out", str(out),
+                 *TINY]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["scale_to_match"] == [0] and results["config"]["gca_positions"] == []
+    # the widened bare backbone matches backbone + GCA[0] within the 2%
+    assert abs(results["n_params"] - results["n_params_target"]) <= 0.02 * results["n_params_target"]
+    assert results["n_params_target"] > 0 and results["alignment"] == {}
+    # a model without the key names it and lists the valid ones
+    assert main(["train", "--model", "sasrec", "--scale-to-match", "0", "--list-config"]) == 2
+    assert "scale_to_match" in capsys.readouterr().err
+
+
+def test_experiment_commands_are_part_of_the_cli(capsys):
+    assert main(["experiment", "table", "--preset", "tiny", "--dry-run"]) == 0
+    assert "runs planned" in capsys.readouterr().out
