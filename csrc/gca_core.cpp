@@ -7,7 +7,12 @@
 // stored: the backward recomputes them from q, k and the per-row logsumexp.
 #include "gca_core.h"
 
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+
+#include <cstdint>
 #include <string>
+#include <vector>
 
 namespace gca {
 namespace {
@@ -130,6 +135,86 @@ int64_t check_cos_args(const char* fn, c10::DeviceType dev, const std::vector<at
   return x.size(0);
 }
 
+namespace {
+
+// Rows of a (rows, cols) operand that take part in the products. idx undefined = every row
+// (the dense path: gather and scatter are the identity).
+struct Rows {
+  at::Tensor idx;  // int64 (n), ascending
+  int64_t n;       // number of active rows
+  int64_t total;   // number of rows of the full tensor
+
+  bool compact() const { return idx.defined(); }
+  at::Tensor gather(const at::Tensor& t) const { return compact() ? t.index_select(0, idx) : t; }
+  // The full (total, cols) tensor with c's rows at idx and zeros elsewhere.
+  at::Tensor scatter(const at::Tensor& c) const {
+    if (!compact()) return c;
+    return at::zeros({total, c.size(1)}, c.options()).index_copy_(0, idx, c);
+  }
+};
+
+// Above this active fraction the gathers and scatters cost more than the rows they save.
+constexpr double kCompactMaxFraction = 0.9;
+
+Rows make_rows(const std::vector<uint8_t>& active, int64_t total) {
+  int64_t n = 0;
+  for (int64_t r = 0; r < total; ++r) n += active[r];
+  if (static_cast<double>(n) > kCompactMaxFraction * static_cast<double>(total))
+    return Rows{at::Tensor(), total, total};
+  at::Tensor idx = at::empty({n}, at::TensorOptions().dtype(at::kLong));
+  int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t r = 0, c = 0; r < total; ++r)
+    if (active[r]) ip[c++] = r;
+  return Rows{idx, n, total};
+}
+
+// Key rows (b, j) not padded. Padded keys are never read by the attention kernels and get
+// exactly zero gradient, so their k/v products are skipped.
+Rows active_key_rows(c10::DeviceType dev, const at::Tensor& kpm, const Dims& dm) {
+  const int64_t M = dm.B * dm.Lb;
+  if (dev != c10::DeviceType::CPU || !kpm.defined()) return Rows{at::Tensor(), M, M};
+  const bool* p = kpm.data_ptr<bool>();
+  std::vector<uint8_t> active(M);
+  for (int64_t r = 0; r < M; ++r) active[r] = !p[r];
+  return make_rows(active, M);
+}
+
+// Query rows (b, i) that see at least one key (the rows where the attention kernels leave
+// lse finite). Every other row has x' = 0 exactly: its q, o, x' and gate products, and their
+// gradients, contribute nothing, so they are skipped.
+Rows active_query_rows(c10::DeviceType dev, const at::Tensor& kpm, const at::Tensor& am,
+                       const Dims& dm) {
+  const int64_t N = dm.B * dm.La, La = dm.La, Lb = dm.Lb;
+  if (dev != c10::DeviceType::CPU || (!kpm.defined() && !am.defined()))
+    return Rows{at::Tensor(), N, N};
+  RECORD_FUNCTION("gca::active_query_rows", std::vector<c10::IValue>());
+  const bool* kp = kpm.defined() ? kpm.data_ptr<bool>() : nullptr;
+  const bool* ap = am.defined() ? am.data_ptr<bool>() : nullptr;
+  const bool am_shared = am.defined() && am.size(0) == 1;
+  std::vector<uint8_t> active(N);
+  at::parallel_for(0, dm.B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> keys(Lb);  // unpadded key positions of batch row b
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t nk = 0;
+      for (int64_t j = 0; j < Lb; ++j)
+        if (!(kp && kp[b * Lb + j])) keys[nk++] = j;
+      for (int64_t i = 0; i < La; ++i) {
+        bool any = false;
+        if (!ap) {
+          any = nk > 0;
+        } else {
+          const bool* row = ap + ((am_shared ? 0 : b) * La + i) * Lb;
+          for (int64_t k = 0; k < nk && !any; ++k) any = !row[keys[k]];
+        }
+        active[b * La + i] = any;
+      }
+    }
+  });
+  return make_rows(active, N);
+}
+
+}  // namespace
+
 std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::DeviceType dev,
                                     const std::vector<at::ScalarType>& dtypes,
                                     const at::Tensor& x_a, const at::Tensor& x_b,
@@ -147,26 +232,44 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
   const auto opts = x_a.options();
   const auto acc_opts = opts.dtype(acc_dtype(x_a.scalar_type()));
   const at::Tensor xa = x_a.view({N, d}), xb = x_b.view({M, d});
+  const Rows qr = active_query_rows(dev, opt(kpm), opt(am), dm);
+  const Rows kr = active_key_rows(dev, opt(kpm), dm);
 
-  at::Tensor q = at::addmm(bq, xa, wq.t());
+  const at::Tensor xa_c = qr.gather(xa);
+  at::Tensor q = qr.scatter(at::addmm(bq, xa_c, wq.t()));
   // k and v come from the same input: one product against the stacked weights
-  at::Tensor kv = at::addmm(at::cat({bk, bv}), xb, at::cat({wk, wv}).t());
+  at::Tensor kv = kr.scatter(at::addmm(at::cat({bk, bv}), kr.gather(xb), at::cat({wk, wv}).t()));
   at::Tensor o = at::empty({N, d}, opts);
   at::Tensor lse = at::empty({N, dm.H}, acc_opts);
-  K.attn_fwd(q, kv, opt(kpm), opt(am), o, lse, dm);
+  {
+    RECORD_FUNCTION("gca::attn_fwd", std::vector<c10::IValue>());  // named in profiles
+    K.attn_fwd(q, kv, opt(kpm), opt(am), o, lse, dm);
+  }
 
-  at::Tensor xp = at::mm(o, wo.t());  // bias added by the row kernel, only where a key was seen
+  // bias added by the row kernel, only where a key was seen (x' = 0 elsewhere)
+  at::Tensor xp = qr.scatter(at::mm(qr.gather(o), wo.t()));
   at::Tensor cos = at::empty({N}, opts);
-  K.xprime_fwd(xp, bo, lse, xa, cos, dm);
+  {
+    RECORD_FUNCTION("gca::xprime_fwd", std::vector<c10::IValue>());  // named in profiles
+    K.xprime_fwd(xp, bo, lse, xa, cos, dm);
+  }
 
-  at::Tensor h = at::addmm(b1, xa, w1.narrow(1, 0, d).t());
-  h.addmm_(xp, w1.narrow(1, d, d).t());
-  h.relu_();
-  at::Tensor g = at::addmm(b2, h, w2.t());
+  // The gate only matters where x' != 0 (z = x_a + g * x'): on the compact path h holds the
+  // active rows packed at its top (rows qr.n.. are zero) and g is act(0) on the other rows.
+  at::Tensor h = at::empty({N, dm.hidden}, opts);
+  at::Tensor h_c = h.narrow(0, 0, qr.n);
+  at::addmm_out(h_c, b1, xa_c, w1.narrow(1, 0, d).t());
+  h_c.addmm_(qr.gather(xp), w1.narrow(1, d, d).t());
+  h_c.relu_();
+  if (qr.n < N) h.narrow(0, qr.n, N - qr.n).zero_();
+  at::Tensor g = qr.scatter(at::addmm(b2, h_c, w2.t()));
   at::Tensor y = at::empty({N, d}, opts);
   const bool ln = ln_w.has_value();
   at::Tensor mean = at::empty({ln ? N : 0}, acc_opts), rstd = at::empty({ln ? N : 0}, acc_opts);
-  K.gate_out_fwd(xa, xp, g, opt(ln_w), opt(ln_b), y, mean, rstd, act, ln_eps, dm);
+  {
+    RECORD_FUNCTION("gca::gate_out_fwd", std::vector<c10::IValue>());  // named in profiles
+    K.gate_out_fwd(xa, xp, g, opt(ln_w), opt(ln_b), y, mean, rstd, act, ln_eps, dm);
+  }
   return {y.view({dm.B, dm.La, d}), cos.view({dm.B, dm.La}), q, kv, o, lse, xp, h, g, mean, rstd};
 }
 
@@ -202,43 +305,83 @@ std::vector<at::Tensor> gca_backward(
   const auto opts = x_a.options();
   const at::Tensor xa = x_a.view({N, d}), xb = x_b.view({M, d});
   const at::Tensor w1a = w1.narrow(1, 0, d), w1b = w1.narrow(1, d, d);
+  // the same row sets as the forward (same masks, same function): h is packed the same way
+  const Rows qr = active_query_rows(dev, opt(kpm), opt(am), dm);
+  const Rows kr = active_key_rows(dev, opt(kpm), dm);
 
   at::Tensor dg_pre = at::empty({N, d}, opts), dxp = at::empty({N, d}, opts),
              dxa = at::empty({N, d}, opts);
   at::Tensor dln_w = at::empty({ln ? d : 0}, opts), dln_b = at::empty({ln ? d : 0}, opts);
-  K.gate_out_bwd(dy.view({N, d}), dcos.view({N}), xa, xp, g, opt(ln_w), mean, rstd, dg_pre, dxp,
-                 dxa, dln_w, dln_b, act, dm);
+  {
+    RECORD_FUNCTION("gca::gate_out_bwd", std::vector<c10::IValue>());  // named in profiles
+    K.gate_out_bwd(dy.view({N, d}), dcos.view({N}), xa, xp, g, opt(ln_w), mean, rstd, dg_pre, dxp,
+                   dxa, dln_w, dln_b, act, dm);
+  }
 
   // Buffers are reused once dead (the custom op keeps every saved tensor alive until it
   // returns, so unlike eager autograd nothing is freed early: reuse keeps the peak below eager's).
-  at::Tensor dw2 = dg_pre.t().mm(h);
-  at::Tensor db2 = dg_pre.sum(0);
-  at::Tensor dh = dg_pre.mm(w2);
-  at::threshold_backward_out(dh, dh, h, 0);  // relu': h was stored post-relu
+  // dg_pre is dz * x' * act': zero on the rows without a visible key, which the compact path skips.
+  const at::Tensor h_c = h.narrow(0, 0, qr.n);
+  at::Tensor dg_c = qr.gather(dg_pre);
+  at::Tensor dw2 = dg_c.t().mm(h_c);
+  at::Tensor db2 = dg_c.sum(0);
+  at::Tensor dh = dg_c.mm(w2);
+  dg_c.reset();
+  at::threshold_backward_out(dh, dh, h_c, 0);  // relu': h was stored post-relu
   at::Tensor db1 = dh.sum(0);
-  at::Tensor dw1 = at::cat({dh.t().mm(xa), dh.t().mm(xp)}, 1);
-  dxa.addmm_(dh, w1a);
-  dxp.addmm_(dh, w1b);
+  const at::Tensor xa_c = qr.gather(xa);
+  at::Tensor dw1 = at::cat({dh.t().mm(xa_c), dh.t().mm(qr.gather(xp))}, 1);
+  at::Tensor dxa_c, dxp_c;  // gradients on the active rows (dxa_c: the part not yet in dxa)
+  if (qr.compact()) {
+    dxa_c = dh.mm(w1a);
+    // x' is the constant 0 on the other rows: nothing flows back through them
+    dxp_c = dxp.index_select(0, qr.idx).addmm_(dh, w1b);
+  } else {
+    dxa.addmm_(dh, w1a);
+    dxp.addmm_(dh, w1b);
+    dxp.mul_(lse.narrow(1, 0, 1).isfinite().to(dt));
+    dxp_c = dxp;
+  }
   dh.reset();
-  // x' is the constant 0 on rows without a visible key: nothing flows back through them
-  dxp.mul_(lse.narrow(1, 0, 1).isfinite().to(dt));
 
-  at::Tensor dbo = dxp.sum(0);
-  at::Tensor dwo = dxp.t().mm(o);
-  at::Tensor dout = at::mm_out(dg_pre, dxp, wo);  // dg_pre is dead: its buffer takes d(o)
-  at::Tensor dq = std::move(dxp);                  // dxp dies as d(o) is formed: dq takes it
+  at::Tensor dbo = dxp_c.sum(0);
+  at::Tensor dwo = dxp_c.t().mm(qr.gather(o));
+  at::Tensor dout, dq;
+  if (qr.compact()) {
+    dout = dxp.zero_().index_copy_(0, qr.idx, dxp_c.mm(wo));  // dxp's buffer takes d(o)
+    dxp_c.reset();
+    dq = std::move(dg_pre);  // dead since its gather: the kernel writes every row of dq
+  } else {
+    dout = at::mm_out(dg_pre, dxp, wo);  // dg_pre is dead: its buffer takes d(o)
+    dq = std::move(dxp);                 // dxp dies as d(o) is formed: dq takes it
+    dxp_c.reset();
+  }
   at::Tensor dkv = at::zeros({M, 2 * d}, opts);
-  K.attn_bwd(q, kv, o, dout, lse, opt(kpm), opt(am), dq, dkv, dm);
+  {
+    RECORD_FUNCTION("gca::attn_bwd", std::vector<c10::IValue>());  // named in profiles
+    K.attn_bwd(q, kv, o, dout, lse, opt(kpm), opt(am), dq, dkv, dm);
+  }
   dout.reset();
   dg_pre.reset();
+  dxp.reset();
 
-  at::Tensor dwq = dq.t().mm(xa);
-  at::Tensor dbq = dq.sum(0);
-  dxa.addmm_(dq, wq);
+  at::Tensor dq_c = qr.gather(dq);
   dq.reset();
-  at::Tensor dwkv = dkv.t().mm(xb);
-  at::Tensor dbkv = dkv.sum(0);
-  at::Tensor dxb = dkv.mm(at::cat({wk, wv}));
+  at::Tensor dwq = dq_c.t().mm(xa_c);
+  at::Tensor dbq = dq_c.sum(0);
+  if (qr.compact()) {
+    dxa_c.addmm_(dq_c, wq);
+    dxa.index_add_(0, qr.idx, dxa_c);
+    dxa_c.reset();
+  } else {
+    dxa.addmm_(dq_c, wq);
+  }
+  dq_c.reset();
+  at::Tensor dkv_c = kr.gather(dkv);
+  dkv.reset();
+  at::Tensor dwkv = dkv_c.t().mm(kr.gather(xb));
+  at::Tensor dbkv = dkv_c.sum(0);
+  at::Tensor dxb = kr.scatter(dkv_c.mm(at::cat({wk, wv})));
   // custom ops may not return aliasing outputs: split the stacked k/v gradients into copies
   return {dxa.view({dm.B, dm.La, d}), dxb.view({dm.B, dm.Lb, d}), dwq, dbq,
           dwkv.narrow(0, 0, d).clone(), dbkv.narrow(0, 0, d).clone(),
