@@ -153,13 +153,16 @@ struct Rows {
   }
 };
 
-// Above this active fraction the gathers and scatters cost more than the rows they save.
+// Above this active fraction the gathers and scatters cost more than the rows they save; below
+// this many rows the extra op dispatches do.
 constexpr double kCompactMaxFraction = 0.9;
+constexpr int64_t kCompactMinRows = 128;
 
 Rows make_rows(const std::vector<uint8_t>& active, int64_t total) {
   int64_t n = 0;
   for (int64_t r = 0; r < total; ++r) n += active[r];
-  if (static_cast<double>(n) > kCompactMaxFraction * static_cast<double>(total))
+  if (total < kCompactMinRows ||
+      static_cast<double>(n) > kCompactMaxFraction * static_cast<double>(total))
     return Rows{at::Tensor(), total, total};
   at::Tensor idx = at::empty({n}, at::TensorOptions().dtype(at::kLong));
   int64_t* ip = idx.data_ptr<int64_t>();
