@@ -12,9 +12,13 @@
 #include <vector>
 
 // x86-64 builds must run on any x86-64 CPU (no -march=native), yet the row loops want AVX2/
-// AVX-512: GCC emits one clone per ISA and picks the best at load time (ifunc, glibc).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define GCA_CPU_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+// AVX-512: GCC emits one clone per ISA and picks the best at load time (ifunc, glibc). The
+// clones name the x86-64 micro-architecture levels, which GCC dispatches on CPU features: named
+// CPUs ("arch=haswell", "arch=skylake-avx512") dispatch on the CPU model, so an AMD CPU with
+// AVX-512 ran the baseline SSE2 clone.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
+    defined(__linux__)
+#define GCA_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define GCA_CPU_CLONES
 #endif

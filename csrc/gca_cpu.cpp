@@ -16,6 +16,9 @@
 #include <omp.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -27,8 +30,51 @@ namespace {
 
 constexpr int64_t kRowsPerChunk = 64;  // rows per partial sum of the parameter reductions
 
-inline bool visible(const bool* kpm_b, const bool* am_row, int64_t j) {
-  return !(kpm_b && kpm_b[j]) && !(am_row && am_row[j]);
+// exp for the softmax and the sigmoid gate. std::exp is a scalar libm call (GCC vectorises it
+// only under -ffast-math), which made exp the bottleneck of the row loops in float32: float32
+// gets the Cephes expf polynomial (relative error < 2e-7), written so that GCC vectorises it;
+// float64 keeps std::exp. Arguments are clamped to [-87, 88] (exp(-87) ~ 1.6e-38 stands in for
+// anything smaller, which is negligible next to the softmax's largest term, 1).
+template <typename A>
+inline A vexp(A x) {
+  return std::exp(x);
+}
+template <>
+inline float vexp<float>(float x) {
+  // selects and the 1.5 * 2^23 rounding trick instead of std::min/max and std::floor: GCC
+  // vectorises neither of those here (control flow, libm call)
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // nearest integer
+  const float r = x - n * 0.693359375f - n * -2.12194440e-4f;  // ln 2 split in two: exact n ln2
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  float s;
+  std::memcpy(&s, &e, sizeof s);
+  return p * s;
+}
+
+// Positions of the keys a query row sees, ascending: written once per row, so the score loops
+// run over visible keys only (with causal masks and left padding, often a small part of Lb).
+inline int64_t visible_keys(const bool* kpm_b, const bool* am_row, int64_t Lb, int32_t* vis) {
+  int64_t n = 0;
+  if (kpm_b && am_row) {
+    for (int64_t j = 0; j < Lb; ++j) { vis[n] = static_cast<int32_t>(j); n += !(kpm_b[j] | am_row[j]); }
+  } else if (kpm_b) {
+    for (int64_t j = 0; j < Lb; ++j) { vis[n] = static_cast<int32_t>(j); n += !kpm_b[j]; }
+  } else if (am_row) {
+    for (int64_t j = 0; j < Lb; ++j) { vis[n] = static_cast<int32_t>(j); n += !am_row[j]; }
+  } else {
+    for (int64_t j = 0; j < Lb; ++j) vis[j] = static_cast<int32_t>(j);
+    n = Lb;
+  }
+  return n;
 }
 
 template <typename T, typename A>
@@ -52,45 +98,55 @@ GCA_CPU_CLONES void attn_fwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t,
   T* o = o_t.data_ptr<T>();           // (B*La, d)
   A* lse = lse_t.data_ptr<A>();       // (B*La, H)
   const A scale = A(1) / std::sqrt(A(dh));
-  const int64_t tasks = dm.B * La * H;
+  const int64_t N = dm.B * La;
+  // One task per query row (all heads share its visible-key list). Rows are independent, so
+  // the dynamic schedule (keyless rows are cheap) does not change any result.
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    std::vector<A> s(Lb), acc(dh);
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t h = t % H, r = t / H, b = r / La, i = r % La;
-      const T* qr = q + r * d + h * dh;
+    std::vector<int32_t> visv(Lb);
+    std::vector<A> sv(Lb), accv(dh);
+    int32_t* vis = visv.data();
+    A* s = sv.data();
+    A* acc = accv.data();
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t r = 0; r < N; ++r) {
+      const int64_t b = r / La, i = r % La;
       const bool* kpm_b = kpm ? kpm + b * Lb : nullptr;
       const bool* am_row = am ? am + ((am_shared ? 0 : b) * La + i) * Lb : nullptr;
-      A mx = -std::numeric_limits<A>::infinity();
-      int64_t nvis = 0;
-      for (int64_t j = 0; j < Lb; ++j) {
-        if (!visible(kpm_b, am_row, j)) continue;
-        const A sj = dot<T, A>(qr, kv + (b * Lb + j) * 2 * d + h * dh, dh) * scale;
-        s[j] = sj;
-        mx = sj > mx ? sj : mx;
-        ++nvis;
-      }
-      T* orow = o + r * d + h * dh;
-      if (nvis == 0) {
-        for (int64_t c = 0; c < dh; ++c) orow[c] = T(0);
-        lse[r * H + h] = std::numeric_limits<A>::infinity();
+      const int64_t nv = visible_keys(kpm_b, am_row, Lb, vis);
+      T* orow = o + r * d;
+      if (nv == 0) {  // no visible key: o = 0, lse = +inf marks the row
+        for (int64_t c = 0; c < d; ++c) orow[c] = T(0);
+        for (int64_t h = 0; h < H; ++h) lse[r * H + h] = std::numeric_limits<A>::infinity();
         continue;
       }
-      A l = 0;
-      std::fill(acc.begin(), acc.end(), A(0));
-      A* accp = acc.data();
-      for (int64_t j = 0; j < Lb; ++j) {
-        if (!visible(kpm_b, am_row, j)) continue;
-        const A p = std::exp(s[j] - mx);
-        l += p;
-        const T* vr = kv + (b * Lb + j) * 2 * d + d + h * dh;
+      const T* kb = kv + b * Lb * 2 * d;  // key j of this batch row at kb + j * 2d
+      for (int64_t h = 0; h < H; ++h) {
+        const T* qr = q + r * d + h * dh;
+        A mx = -std::numeric_limits<A>::infinity();
+        for (int64_t k = 0; k < nv; ++k) {
+          const A sk = dot<T, A>(qr, kb + vis[k] * 2 * d + h * dh, dh) * scale;
+          s[k] = sk;
+          mx = sk > mx ? sk : mx;
+        }
+        A l = 0;
+#pragma omp simd reduction(+ : l)
+        for (int64_t k = 0; k < nv; ++k) {
+          const A e = vexp<A>(s[k] - mx);
+          s[k] = e;
+          l += e;
+        }
+        for (int64_t c = 0; c < dh; ++c) acc[c] = A(0);
+        for (int64_t k = 0; k < nv; ++k) {
+          const A p = s[k];
+          const T* vr = kb + vis[k] * 2 * d + d + h * dh;
 #pragma omp simd
-        for (int64_t c = 0; c < dh; ++c) accp[c] += p * static_cast<A>(vr[c]);
+          for (int64_t c = 0; c < dh; ++c) acc[c] += p * static_cast<A>(vr[c]);
+        }
+        const A inv = A(1) / l;
+        for (int64_t c = 0; c < dh; ++c) orow[h * dh + c] = static_cast<T>(acc[c] * inv);
+        lse[r * H + h] = mx + std::log(l);
       }
-      const A inv = A(1) / l;
-      for (int64_t c = 0; c < dh; ++c) orow[c] = static_cast<T>(accp[c] * inv);
-      lse[r * H + h] = mx + std::log(l);
     }
   }
 }
@@ -112,47 +168,61 @@ GCA_CPU_CLONES void attn_bwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t,
   T* dq = dq_t.data_ptr<T>();          // (B*La, d)
   T* dkv = dkv_t.data_ptr<T>();        // (B*Lb, 2d), zero on entry
   const A scale = A(1) / std::sqrt(A(dh));
-  // One task per (batch, head): it owns that head's slice of dk/dv for the batch row, so the
-  // sums over query rows need no atomics and always run in the same order.
-  const int64_t tasks = dm.B * H;
+  // One task per batch row: it owns that row's dk/dv, so the sums over query rows need no
+  // atomics and always run in the same order (bit-identical whatever the thread count).
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    std::vector<A> acc(dh);
-    A* accp = acc.data();
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t b = t / H, h = t % H;
+    std::vector<int32_t> visv(Lb);
+    std::vector<A> sv(Lb), dsv(Lb), accv(dh);
+    int32_t* vis = visv.data();
+    A* s = sv.data();
+    A* ds = dsv.data();
+    A* acc = accv.data();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < dm.B; ++b) {
       const bool* kpm_b = kpm ? kpm + b * Lb : nullptr;
+      const T* kb = kv + b * Lb * 2 * d;
+      T* dkb = dkv + b * Lb * 2 * d;
       for (int64_t i = 0; i < La; ++i) {
         const int64_t r = b * La + i;
-        T* dqr = dq + r * d + h * dh;
-        const A lse_r = lse[r * H + h];
-        if (std::isinf(lse_r)) {  // no visible key: p = 0, nothing to propagate
-          for (int64_t c = 0; c < dh; ++c) dqr[c] = T(0);
+        T* dqr = dq + r * d;
+        if (std::isinf(lse[r * H])) {  // no visible key (for every head): p = 0, nothing flows
+          for (int64_t c = 0; c < d; ++c) dqr[c] = T(0);
           continue;
         }
         const bool* am_row = am ? am + ((am_shared ? 0 : b) * La + i) * Lb : nullptr;
-        const T* qr = q + r * d + h * dh;
-        const T* dor = dout + r * d + h * dh;
-        const A D = dot<T, A>(dor, o + r * d + h * dh, dh);  // sum_j p_j dp_j
-        std::fill(acc.begin(), acc.end(), A(0));
-        for (int64_t j = 0; j < Lb; ++j) {
-          if (!visible(kpm_b, am_row, j)) continue;
-          const T* kr = kv + (b * Lb + j) * 2 * d + h * dh;
-          const T* vr = kr + d;
-          const A p = std::exp(dot<T, A>(qr, kr, dh) * scale - lse_r);
-          const A ds = p * (dot<T, A>(dor, vr, dh) - D);
-          T* dkr = dkv + (b * Lb + j) * 2 * d + h * dh;
-          T* dvr = dkr + d;
-          const A dss = ds * scale;
-#pragma omp simd
-          for (int64_t c = 0; c < dh; ++c) {
-            accp[c] += ds * static_cast<A>(kr[c]);
-            dkr[c] = static_cast<T>(static_cast<A>(dkr[c]) + dss * static_cast<A>(qr[c]));
-            dvr[c] = static_cast<T>(static_cast<A>(dvr[c]) + p * static_cast<A>(dor[c]));
+        const int64_t nv = visible_keys(kpm_b, am_row, Lb, vis);
+        for (int64_t h = 0; h < H; ++h) {
+          const T* qr = q + r * d + h * dh;
+          const T* dor = dout + r * d + h * dh;
+          const A lse_r = lse[r * H + h];
+          const A D = dot<T, A>(dor, o + r * d + h * dh, dh);  // sum_j p_j dp_j
+          for (int64_t k = 0; k < nv; ++k) {
+            const T* kr = kb + vis[k] * 2 * d + h * dh;
+            s[k] = dot<T, A>(qr, kr, dh);
+            ds[k] = dot<T, A>(dor, kr + d, dh);
           }
+#pragma omp simd
+          for (int64_t k = 0; k < nv; ++k) {
+            const A p = vexp<A>(s[k] * scale - lse_r);
+            s[k] = p;
+            ds[k] = p * (ds[k] - D);
+          }
+          for (int64_t c = 0; c < dh; ++c) acc[c] = A(0);
+          for (int64_t k = 0; k < nv; ++k) {
+            const T* kr = kb + vis[k] * 2 * d + h * dh;
+            T* dkr = dkb + vis[k] * 2 * d + h * dh;
+            T* dvr = dkr + d;
+            const A dsk = ds[k], dss = dsk * scale, p = s[k];
+#pragma omp simd
+            for (int64_t c = 0; c < dh; ++c) {
+              acc[c] += dsk * static_cast<A>(kr[c]);
+              dkr[c] = static_cast<T>(static_cast<A>(dkr[c]) + dss * static_cast<A>(qr[c]));
+              dvr[c] = static_cast<T>(static_cast<A>(dvr[c]) + p * static_cast<A>(dor[c]));
+            }
+          }
+          for (int64_t c = 0; c < dh; ++c) dqr[h * dh + c] = static_cast<T>(acc[c] * scale);
         }
-        for (int64_t c = 0; c < dh; ++c) dqr[c] = static_cast<T>(accp[c] * scale);
       }
     }
   }
@@ -226,13 +296,23 @@ GCA_CPU_CLONES void gate_out_fwd_impl(const at::Tensor& xa_t, const at::Tensor& 
       const T* pr = xp + r * d;
       T* yr = y + r * d;
       A sum = 0;
-      for (int64_t c = 0; c < d; ++c) {
-        const A gp = gr[c];
-        const T gv = static_cast<T>(act == kSigmoid ? A(1) / (A(1) + std::exp(-gp)) : std::tanh(gp));
-        gr[c] = gv;
-        const A zc = static_cast<A>(ar[c]) + static_cast<A>(gv) * static_cast<A>(pr[c]);
-        zp[c] = zc;
-        sum += zc;
+      if (act == kSigmoid) {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t c = 0; c < d; ++c) {
+          const T gv = static_cast<T>(A(1) / (A(1) + vexp<A>(-static_cast<A>(gr[c]))));
+          gr[c] = gv;
+          const A zc = static_cast<A>(ar[c]) + static_cast<A>(gv) * static_cast<A>(pr[c]);
+          zp[c] = zc;
+          sum += zc;
+        }
+      } else {
+        for (int64_t c = 0; c < d; ++c) {
+          const T gv = static_cast<T>(std::tanh(static_cast<A>(gr[c])));
+          gr[c] = gv;
+          const A zc = static_cast<A>(ar[c]) + static_cast<A>(gv) * static_cast<A>(pr[c]);
+          zp[c] = zc;
+          sum += zc;
+        }
       }
       if (!ln) {
         for (int64_t c = 0; c < d; ++c) yr[c] = static_cast<T>(zp[c]);
