@@ -85,6 +85,60 @@ inline A dot(const T* a, const T* b, int64_t n) {
   return acc;
 }
 
+// The dot products of x with four rows in one pass: x is loaded once, and the four sums are
+// independent dependency chains (one dot at a time is bound by the latency of its single chain).
+template <typename T, typename A>
+inline void dot4(const T* x, const T* r0, const T* r1, const T* r2, const T* r3, int64_t n, A* out) {
+  A a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+  for (int64_t c = 0; c < n; ++c) {
+    const A xc = x[c];
+    a0 += xc * static_cast<A>(r0[c]);
+    a1 += xc * static_cast<A>(r1[c]);
+    a2 += xc * static_cast<A>(r2[c]);
+    a3 += xc * static_cast<A>(r3[c]);
+  }
+  out[0] = a0;
+  out[1] = a1;
+  out[2] = a2;
+  out[3] = a3;
+}
+
+// out[k] = <x, rows + vis[k] * stride> for k < nv (rows already offset to the head's columns).
+template <typename T, typename A>
+inline void dots(const T* x, const T* rows, const int32_t* vis, int64_t nv, int64_t stride,
+                 int64_t n, A* out) {
+  int64_t k = 0;
+  for (; k + 4 <= nv; k += 4)
+    dot4<T, A>(x, rows + vis[k] * stride, rows + vis[k + 1] * stride, rows + vis[k + 2] * stride,
+               rows + vis[k + 3] * stride, n, out + k);
+  for (; k < nv; ++k) out[k] = dot<T, A>(x, rows + vis[k] * stride, n);
+}
+
+// acc += sum_k w[k] * (rows + vis[k] * stride), four rows per pass over acc.
+template <typename T, typename A>
+inline void axpys(const A* w, const T* rows, const int32_t* vis, int64_t nv, int64_t stride,
+                  int64_t n, A* acc) {
+  int64_t k = 0;
+  for (; k + 4 <= nv; k += 4) {
+    const T* r0 = rows + vis[k] * stride;
+    const T* r1 = rows + vis[k + 1] * stride;
+    const T* r2 = rows + vis[k + 2] * stride;
+    const T* r3 = rows + vis[k + 3] * stride;
+    const A w0 = w[k], w1 = w[k + 1], w2 = w[k + 2], w3 = w[k + 3];
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c)
+      acc[c] += w0 * static_cast<A>(r0[c]) + w1 * static_cast<A>(r1[c]) +
+                w2 * static_cast<A>(r2[c]) + w3 * static_cast<A>(r3[c]);
+  }
+  for (; k < nv; ++k) {
+    const T* r = rows + vis[k] * stride;
+    const A wk = w[k];
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) acc[c] += wk * static_cast<A>(r[c]);
+  }
+}
+
 template <typename T>
 GCA_CPU_CLONES void attn_fwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t, const at::Tensor& kpm_t,
                    const at::Tensor& am_t, at::Tensor& o_t, at::Tensor& lse_t, const Dims& dm) {
@@ -123,9 +177,10 @@ GCA_CPU_CLONES void attn_fwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t,
       const T* kb = kv + b * Lb * 2 * d;  // key j of this batch row at kb + j * 2d
       for (int64_t h = 0; h < H; ++h) {
         const T* qr = q + r * d + h * dh;
+        dots<T, A>(qr, kb + h * dh, vis, nv, 2 * d, dh, s);
         A mx = -std::numeric_limits<A>::infinity();
         for (int64_t k = 0; k < nv; ++k) {
-          const A sk = dot<T, A>(qr, kb + vis[k] * 2 * d + h * dh, dh) * scale;
+          const A sk = s[k] * scale;
           s[k] = sk;
           mx = sk > mx ? sk : mx;
         }
@@ -137,12 +192,7 @@ GCA_CPU_CLONES void attn_fwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t,
           l += e;
         }
         for (int64_t c = 0; c < dh; ++c) acc[c] = A(0);
-        for (int64_t k = 0; k < nv; ++k) {
-          const A p = s[k];
-          const T* vr = kb + vis[k] * 2 * d + d + h * dh;
-#pragma omp simd
-          for (int64_t c = 0; c < dh; ++c) acc[c] += p * static_cast<A>(vr[c]);
-        }
+        axpys<T, A>(s, kb + d + h * dh, vis, nv, 2 * d, dh, acc);
         const A inv = A(1) / l;
         for (int64_t c = 0; c < dh; ++c) orow[h * dh + c] = static_cast<T>(acc[c] * inv);
         lse[r * H + h] = mx + std::log(l);
@@ -197,11 +247,8 @@ GCA_CPU_CLONES void attn_bwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t,
           const T* dor = dout + r * d + h * dh;
           const A lse_r = lse[r * H + h];
           const A D = dot<T, A>(dor, o + r * d + h * dh, dh);  // sum_j p_j dp_j
-          for (int64_t k = 0; k < nv; ++k) {
-            const T* kr = kb + vis[k] * 2 * d + h * dh;
-            s[k] = dot<T, A>(qr, kr, dh);
-            ds[k] = dot<T, A>(dor, kr + d, dh);
-          }
+          dots<T, A>(qr, kb + h * dh, vis, nv, 2 * d, dh, s);
+          dots<T, A>(dor, kb + d + h * dh, vis, nv, 2 * d, dh, ds);
 #pragma omp simd
           for (int64_t k = 0; k < nv; ++k) {
             const A p = vexp<A>(s[k] * scale - lse_r);
@@ -209,14 +256,13 @@ GCA_CPU_CLONES void attn_bwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t,
             ds[k] = p * (ds[k] - D);
           }
           for (int64_t c = 0; c < dh; ++c) acc[c] = A(0);
+          axpys<T, A>(ds, kb + h * dh, vis, nv, 2 * d, dh, acc);
           for (int64_t k = 0; k < nv; ++k) {
-            const T* kr = kb + vis[k] * 2 * d + h * dh;
             T* dkr = dkb + vis[k] * 2 * d + h * dh;
             T* dvr = dkr + d;
-            const A dsk = ds[k], dss = dsk * scale, p = s[k];
+            const A dss = ds[k] * scale, p = s[k];
 #pragma omp simd
             for (int64_t c = 0; c < dh; ++c) {
-              acc[c] += dsk * static_cast<A>(kr[c]);
               dkr[c] = static_cast<T>(static_cast<A>(dkr[c]) + dss * static_cast<A>(qr[c]));
               dvr[c] = static_cast<T>(static_cast<A>(dvr[c]) + p * static_cast<A>(dor[c]));
             }
