@@ -11,6 +11,7 @@
 #include <ATen/record_function.h>
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -145,11 +146,60 @@ struct Rows {
   int64_t total;   // number of rows of the full tensor
 
   bool compact() const { return idx.defined(); }
-  at::Tensor gather(const at::Tensor& t) const { return compact() ? t.index_select(0, idx) : t; }
+
+  // t's rows at idx, (n, cols). Row copies in one parallel pass (t contiguous, on the CPU).
+  at::Tensor gather(const at::Tensor& t) const {
+    if (!compact()) return t;
+    RECORD_FUNCTION("gca::gather_rows", std::vector<c10::IValue>());
+    at::Tensor out = at::empty({n, t.size(1)}, t.options());
+    const int64_t row = t.size(1) * t.element_size();
+    const char* src = static_cast<const char*>(t.data_ptr());
+    char* dst = static_cast<char*>(out.data_ptr());
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    at::parallel_for(0, n, 64, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) std::memcpy(dst + c * row, src + ip[c] * row, row);
+    });
+    return out;
+  }
+
   // The full (total, cols) tensor with c's rows at idx and zeros elsewhere.
   at::Tensor scatter(const at::Tensor& c) const {
     if (!compact()) return c;
-    return at::zeros({total, c.size(1)}, c.options()).index_copy_(0, idx, c);
+    at::Tensor out = at::empty({total, c.size(1)}, c.options());
+    scatter_into(c, out);
+    return out;
+  }
+
+  // out (total, cols) = c's rows at idx, zeros elsewhere: every row written once (zero-filling
+  // first and copying after would write the active rows twice).
+  void scatter_into(const at::Tensor& c, at::Tensor& out) const {
+    RECORD_FUNCTION("gca::scatter_rows", std::vector<c10::IValue>());
+    const int64_t row = c.size(1) * c.element_size();
+    const char* src = static_cast<const char*>(c.data_ptr());
+    char* dst = static_cast<char*>(out.data_ptr());
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    // compact rows [c0, c1) land in full rows [ip[c0], ip[c1]); the gaps are the inactive rows
+    at::parallel_for(0, n + 1, 64, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t gap_begin = c == 0 ? 0 : ip[c - 1] + 1, gap_end = c == n ? total : ip[c];
+        if (gap_end > gap_begin) std::memset(dst + gap_begin * row, 0, (gap_end - gap_begin) * row);
+        if (c < n) std::memcpy(dst + ip[c] * row, src + c * row, row);
+      }
+    });
+  }
+
+  // Zeros t's rows at idx (every row when dense).
+  void zero_rows(at::Tensor& t) const {
+    if (!compact()) {
+      t.zero_();
+      return;
+    }
+    const int64_t row = t.size(1) * t.element_size();
+    char* dst = static_cast<char*>(t.data_ptr());
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    at::parallel_for(0, n, 64, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) std::memset(dst + ip[c] * row, 0, row);
+    });
   }
 };
 
@@ -338,7 +388,7 @@ std::vector<at::Tensor> gca_backward(
   if (qr.compact()) {
     dxa_c = dh.mm(w1a);
     // x' is the constant 0 on the other rows: nothing flows back through them
-    dxp_c = dxp.index_select(0, qr.idx).addmm_(dh, w1b);
+    dxp_c = qr.gather(dxp).addmm_(dh, w1b);
   } else {
     dxa.addmm_(dh, w1a);
     dxp.addmm_(dh, w1b);
@@ -351,7 +401,8 @@ std::vector<at::Tensor> gca_backward(
   at::Tensor dwo = dxp_c.t().mm(qr.gather(o));
   at::Tensor dout, dq;
   if (qr.compact()) {
-    dout = dxp.zero_().index_copy_(0, qr.idx, dxp_c.mm(wo));  // dxp's buffer takes d(o)
+    qr.scatter_into(dxp_c.mm(wo), dxp);  // dxp's buffer takes d(o)
+    dout = dxp;
     dxp_c.reset();
     dq = std::move(dg_pre);  // dead since its gather: the kernel writes every row of dq
   } else {
@@ -359,7 +410,9 @@ std::vector<at::Tensor> gca_backward(
     dq = std::move(dxp);                 // dxp dies as d(o) is formed: dq takes it
     dxp_c.reset();
   }
-  at::Tensor dkv = at::zeros({M, 2 * d}, opts);
+  // the kernel accumulates into the rows of visible keys; the other rows are never read
+  at::Tensor dkv = at::empty({M, 2 * d}, opts);
+  kr.zero_rows(dkv);
   {
     RECORD_FUNCTION("gca::attn_bwd", std::vector<c10::IValue>());  // named in profiles
     K.attn_bwd(q, kv, o, dout, lse, opt(kpm), opt(am), dq, dkv, dm);
