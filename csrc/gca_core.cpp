@@ -5,6 +5,21 @@
 // first layer as x_a W1a^T + x' W1b^T accumulated into one buffer (the concatenation
 // [x_a ; x'] never exists); h W2^T. The (B, H, La, Lb) scores and probabilities are never
 // stored: the backward recomputes them from q, k and the per-row logsumexp.
+//
+// Row compaction (CPU; the varlen idea of FlashAttention). Real batches are left-padded
+// histories under a causal cross mask: about half the key rows are padding, and about half the
+// query rows see no key at all. Neither contributes anything: a padded key is never attended
+// to (its k, v and gradients are exactly zero), and a keyless query row has x' = 0 exactly, so
+// its q, o, x' and gate (z = x_a + g * x' = x_a whatever g is) never reach y, and dg = dz * x'
+// * act' = 0 sends nothing back through them. The eager reference must still compute every row
+// of every product; here the products run on the active rows only: gather them (x_a, x_b, o,
+// ...), multiply, scatter the result into the full-size tensor the row kernels index (zeros on
+// the skipped rows). That halves the matrix work on such batches. The row sets come from the
+// masks (active_query_rows / active_key_rows), recomputed identically in the backward; the saved
+// gate hidden layer h holds the active rows packed at its top. Above 90% active rows, or under
+// 128 rows, the dense path runs (gathers would cost more than they save). Gathers and scatters
+// are plain row copies and every output row is written once, so results stay bit-identical
+// run to run. The CUDA path is dense.
 #include "gca_core.h"
 
 #include <ATen/Parallel.h>

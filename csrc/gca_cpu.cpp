@@ -7,10 +7,14 @@
 // bias only where a key was seen, the cosine, the gate activation, residual and LayerNorm) is
 // one pass per row; its backward, with the cosine's gradient, is one pass per row too.
 //
+// Each query row first lists the keys it sees (causal masks and left padding hide most of Lb),
+// and the score and p v loops run over that list, four keys per pass. float32 exp is a
+// vectorisable polynomial (vexp), not the scalar libm call.
+//
 // Determinism: every output element is written by exactly one thread, and the parameter
 // reductions (LayerNorm weight/bias gradients) use fixed row chunks reduced in chunk order,
 // so results are bit-identical run to run, whatever the number of threads. The attention
-// backward runs one (batch, head) per task, so k/v gradients accumulate in a fixed order.
+// backward runs one batch row per task, so k/v gradients accumulate in a fixed order.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
