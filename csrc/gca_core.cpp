@@ -27,6 +27,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -156,11 +157,21 @@ namespace {
 // Rows of a (rows, cols) operand that take part in the products. idx undefined = every row
 // (the dense path: gather and scatter are the identity).
 struct Rows {
-  at::Tensor idx;  // int64 (n), ascending
-  int64_t n;       // number of active rows
-  int64_t total;   // number of rows of the full tensor
+  at::Tensor idx;            // int64 (n), ascending
+  int64_t n;                 // number of active rows
+  int64_t total;             // number of rows of the full tensor
+  std::vector<int32_t> pos;  // compact: full row -> its row in idx, -1 when inactive
 
   bool compact() const { return idx.defined(); }
+
+  // A (total, cols) tensor whose top n rows receive the compact rows (the rest zeroed, so the
+  // saved tensor is deterministic); returns it and writes the top rows' view to top.
+  at::Tensor packed(int64_t cols, const at::TensorOptions& opts, at::Tensor& top) const {
+    at::Tensor t = at::empty({total, cols}, opts);
+    top = t.narrow(0, 0, n);
+    if (n < total) t.narrow(0, n, total - n).zero_();
+    return t;
+  }
 
   // t's rows at idx, (n, cols). Row copies in one parallel pass (t contiguous, on the CPU).
   at::Tensor gather(const at::Tensor& t) const {
@@ -202,20 +213,6 @@ struct Rows {
       }
     });
   }
-
-  // Zeros t's rows at idx (every row when dense).
-  void zero_rows(at::Tensor& t) const {
-    if (!compact()) {
-      t.zero_();
-      return;
-    }
-    const int64_t row = t.size(1) * t.element_size();
-    char* dst = static_cast<char*>(t.data_ptr());
-    const int64_t* ip = idx.data_ptr<int64_t>();
-    at::parallel_for(0, n, 64, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) std::memset(dst + ip[c] * row, 0, row);
-    });
-  }
 };
 
 // Above this active fraction the gathers and scatters cost more than the rows they save; below
@@ -229,11 +226,17 @@ Rows make_rows(const std::vector<uint8_t>& active, int64_t total) {
   if (total < kCompactMinRows ||
       static_cast<double>(n) > kCompactMaxFraction * static_cast<double>(total))
     return Rows{at::Tensor(), total, total};
+  TORCH_CHECK(total < std::numeric_limits<int32_t>::max(), "gca: ", total,
+              " rows exceed the int32 row maps of the compact path");
   at::Tensor idx = at::empty({n}, at::TensorOptions().dtype(at::kLong));
   int64_t* ip = idx.data_ptr<int64_t>();
+  std::vector<int32_t> pos(total, -1);
   for (int64_t r = 0, c = 0; r < total; ++r)
-    if (active[r]) ip[c++] = r;
-  return Rows{idx, n, total};
+    if (active[r]) {
+      pos[r] = static_cast<int32_t>(c);
+      ip[c++] = r;
+    }
+  return Rows{idx, n, total, std::move(pos)};
 }
 
 // Key rows (b, j) not padded. Padded keys are never read by the attention kernels and get
@@ -281,6 +284,18 @@ Rows active_query_rows(c10::DeviceType dev, const at::Tensor& kpm, const at::Ten
   return make_rows(active, N);
 }
 
+// The attention kernels' view of the compact rows: q, o (and dout, dq) hold qr's rows, kv (and
+// dkv) kr's rows.
+Dims compact_dims(Dims dm, const Rows& qr, const Rows& kr) {
+  if (qr.compact()) {
+    dm.qrow = qr.idx.data_ptr<int64_t>();
+    dm.nq = qr.n;
+    dm.qpos = qr.pos.data();
+  }
+  if (kr.compact()) dm.kpos = kr.pos.data();
+  return dm;
+}
+
 }  // namespace
 
 std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::DeviceType dev,
@@ -303,19 +318,28 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
   const Rows qr = active_query_rows(dev, opt(kpm), opt(am), dm);
   const Rows kr = active_key_rows(dev, opt(kpm), dm);
 
+  // On the compact path q, o and h hold the active query rows packed at their top, kv the
+  // unpadded keys (the kernels index them through the row maps of dmc); the rest is zero.
+  const Dims dmc = compact_dims(dm, qr, kr);
   const at::Tensor xa_c = qr.gather(xa);
-  at::Tensor q = qr.scatter(at::addmm(bq, xa_c, wq.t()));
+  at::Tensor q_c, kv_c, o_c, h_c;
+  at::Tensor q = qr.packed(d, opts, q_c);
+  at::addmm_out(q_c, bq, xa_c, wq.t());
   // k and v come from the same input: one product against the stacked weights
-  at::Tensor kv = kr.scatter(at::addmm(at::cat({bk, bv}), kr.gather(xb), at::cat({wk, wv}).t()));
-  at::Tensor o = at::empty({N, d}, opts);
-  at::Tensor lse = at::empty({N, dm.H}, acc_opts);
+  at::Tensor kv = kr.packed(2 * d, opts, kv_c);
+  at::addmm_out(kv_c, at::cat({bk, bv}), kr.gather(xb), at::cat({wk, wv}).t());
+  at::Tensor o = qr.packed(d, opts, o_c);
+  // the kernel writes the rows it computes: +inf marks the others (no visible key)
+  at::Tensor lse = qr.compact() ? at::full({N, dm.H}, std::numeric_limits<double>::infinity(), acc_opts)
+                                : at::empty({N, dm.H}, acc_opts);
   {
     RECORD_FUNCTION("gca::attn_fwd", std::vector<c10::IValue>());  // named in profiles
-    K.attn_fwd(q, kv, opt(kpm), opt(am), o, lse, dm);
+    K.attn_fwd(q, kv, opt(kpm), opt(am), o, lse, dmc);
   }
 
   // bias added by the row kernel, only where a key was seen (x' = 0 elsewhere)
-  at::Tensor xp = qr.scatter(at::mm(qr.gather(o), wo.t()));
+  const at::Tensor xpo = at::mm(o_c, wo.t());  // o Wo^T on the active rows (no bias yet)
+  at::Tensor xp = qr.scatter(xpo);              // dense: xpo itself, turned into x' in place
   at::Tensor cos = at::empty({N}, opts);
   {
     RECORD_FUNCTION("gca::xprime_fwd", std::vector<c10::IValue>());  // named in profiles
@@ -323,13 +347,13 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
   }
 
   // The gate only matters where x' != 0 (z = x_a + g * x'): on the compact path h holds the
-  // active rows packed at its top (rows qr.n.. are zero) and g is act(0) on the other rows.
-  at::Tensor h = at::empty({N, dm.hidden}, opts);
-  at::Tensor h_c = h.narrow(0, 0, qr.n);
-  at::addmm_out(h_c, b1, xa_c, w1.narrow(1, 0, d).t());
-  h_c.addmm_(qr.gather(xp), w1.narrow(1, d, d).t());
+  // active rows packed at its top and g is act(0) on the other rows. There x' W1b^T is formed
+  // from the compact o Wo^T, with W1b bo folded into the bias (x' = o Wo^T + bo on those rows).
+  at::Tensor h = qr.packed(dm.hidden, opts, h_c);
+  const at::Tensor w1b = w1.narrow(1, d, d);
+  at::addmm_out(h_c, qr.compact() ? at::addmv(b1, w1b, bo) : b1, xa_c, w1.narrow(1, 0, d).t());
+  h_c.addmm_(xpo, w1b.t());
   h_c.relu_();
-  if (qr.n < N) h.narrow(0, qr.n, N - qr.n).zero_();
   at::Tensor g = qr.scatter(at::addmm(b2, h_c, w2.t()));
   at::Tensor y = at::empty({N, d}, opts);
   const bool ln = ln_w.has_value();
@@ -376,6 +400,7 @@ std::vector<at::Tensor> gca_backward(
   // the same row sets as the forward (same masks, same function): h is packed the same way
   const Rows qr = active_query_rows(dev, opt(kpm), opt(am), dm);
   const Rows kr = active_key_rows(dev, opt(kpm), dm);
+  const Dims dmc = compact_dims(dm, qr, kr);
 
   at::Tensor dg_pre = at::empty({N, d}, opts), dxp = at::empty({N, d}, opts),
              dxa = at::empty({N, d}, opts);
@@ -413,31 +438,29 @@ std::vector<at::Tensor> gca_backward(
   dh.reset();
 
   at::Tensor dbo = dxp_c.sum(0);
-  at::Tensor dwo = dxp_c.t().mm(qr.gather(o));
+  at::Tensor dwo = dxp_c.t().mm(o.narrow(0, 0, qr.n));  // o packed like q on the compact path
   at::Tensor dout, dq;
   if (qr.compact()) {
-    qr.scatter_into(dxp_c.mm(wo), dxp);  // dxp's buffer takes d(o)
-    dout = dxp;
+    // compact d(o) and dq: the kernel reads and writes the active rows only
+    dout = dxp.narrow(0, 0, qr.n);  // dxp's buffer (dead since its gather) takes d(o)
+    at::mm_out(dout, dxp_c, wo);
     dxp_c.reset();
-    dq = std::move(dg_pre);  // dead since its gather: the kernel writes every row of dq
+    dq = dg_pre.narrow(0, 0, qr.n);  // dead since its gather
   } else {
     dout = at::mm_out(dg_pre, dxp, wo);  // dg_pre is dead: its buffer takes d(o)
     dq = std::move(dxp);                 // dxp dies as d(o) is formed: dq takes it
     dxp_c.reset();
   }
-  // the kernel accumulates into the rows of visible keys; the other rows are never read
-  at::Tensor dkv = at::empty({M, 2 * d}, opts);
-  kr.zero_rows(dkv);
+  at::Tensor dkv = at::zeros({kr.n, 2 * d}, opts);  // compact path: the unpadded keys only
   {
     RECORD_FUNCTION("gca::attn_bwd", std::vector<c10::IValue>());  // named in profiles
-    K.attn_bwd(q, kv, o, dout, lse, opt(kpm), opt(am), dq, dkv, dm);
+    K.attn_bwd(q, kv, o, dout, lse, opt(kpm), opt(am), dq, dkv, dmc);
   }
   dout.reset();
   dg_pre.reset();
   dxp.reset();
 
-  at::Tensor dq_c = qr.gather(dq);
-  dq.reset();
+  at::Tensor dq_c = std::move(dq);  // compact on the compact path
   at::Tensor dwq = dq_c.t().mm(xa_c);
   at::Tensor dbq = dq_c.sum(0);
   if (qr.compact()) {
@@ -448,8 +471,7 @@ std::vector<at::Tensor> gca_backward(
     dxa.addmm_(dq_c, wq);
   }
   dq_c.reset();
-  at::Tensor dkv_c = kr.gather(dkv);
-  dkv.reset();
+  at::Tensor dkv_c = std::move(dkv);
   at::Tensor dwkv = dkv_c.t().mm(kr.gather(xb));
   at::Tensor dbkv = dkv_c.sum(0);
   at::Tensor dxb = kr.scatter(dkv_c.mm(at::cat({wk, wv})));

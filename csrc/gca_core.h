@@ -32,6 +32,15 @@ enum Activation : int64_t { kSigmoid = 0, kTanh = 1 };
 
 struct Dims {
   int64_t B, La, Lb, d, H, hidden;
+  // Compact rows for the attention kernels (CPU only: null = every row, the only case the CUDA
+  // kernels ever see). With qrow, q, o, dout and dq hold only the query rows qrow[0..nq)
+  // (ascending full row indices b * La + i); qpos maps a full row to its compact row (-1: not
+  // stored, no visible key). With kpos, kv and dkv hold only the key rows it keeps (full key
+  // row b * Lb + j -> compact row; -1 only for padded keys, which are never visible).
+  const int64_t* qrow = nullptr;
+  int64_t nq = 0;
+  const int32_t* qpos = nullptr;
+  const int32_t* kpos = nullptr;
 };
 
 // Row kernels a device backend provides. Masks are undefined tensors when absent; lse, mean

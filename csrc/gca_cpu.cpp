@@ -81,6 +81,16 @@ inline int64_t visible_keys(const bool* kpm_b, const bool* am_row, int64_t Lb, i
   return n;
 }
 
+// Turns key positions j of batch row b into rows of kv (compact rows when dm.kpos is set).
+inline void key_rows(const Dims& dm, int64_t b, int64_t nv, int32_t* vis) {
+  const int64_t base = b * dm.Lb;
+  if (dm.kpos) {
+    for (int64_t k = 0; k < nv; ++k) vis[k] = dm.kpos[base + vis[k]];
+  } else {
+    for (int64_t k = 0; k < nv; ++k) vis[k] = static_cast<int32_t>(base + vis[k]);
+  }
+}
+
 template <typename T, typename A>
 inline A dot(const T* a, const T* b, int64_t n) {
   A acc = 0;
@@ -156,7 +166,9 @@ GCA_CPU_CLONES void attn_fwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t,
   T* o = o_t.data_ptr<T>();           // (B*La, d)
   A* lse = lse_t.data_ptr<A>();       // (B*La, H)
   const A scale = A(1) / std::sqrt(A(dh));
-  const int64_t N = dm.B * La;
+  // compact: only the stored rows (q and o row c is full row qrow[c]; lse stays full-size and
+  // the caller has set it to +inf on the other rows)
+  const int64_t N = dm.qrow ? dm.nq : dm.B * La;
   // One task per query row (all heads share its visible-key list). Rows are independent, so
   // the dynamic schedule (keyless rows are cheap) does not change any result.
 #pragma omp parallel num_threads(at::get_num_threads())
@@ -167,21 +179,22 @@ GCA_CPU_CLONES void attn_fwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t,
     A* s = sv.data();
     A* acc = accv.data();
 #pragma omp for schedule(dynamic, 16)
-    for (int64_t r = 0; r < N; ++r) {
+    for (int64_t rc = 0; rc < N; ++rc) {
+      const int64_t r = dm.qrow ? dm.qrow[rc] : rc;
       const int64_t b = r / La, i = r % La;
       const bool* kpm_b = kpm ? kpm + b * Lb : nullptr;
       const bool* am_row = am ? am + ((am_shared ? 0 : b) * La + i) * Lb : nullptr;
       const int64_t nv = visible_keys(kpm_b, am_row, Lb, vis);
-      T* orow = o + r * d;
+      T* orow = o + rc * d;
       if (nv == 0) {  // no visible key: o = 0, lse = +inf marks the row
         for (int64_t c = 0; c < d; ++c) orow[c] = T(0);
         for (int64_t h = 0; h < H; ++h) lse[r * H + h] = std::numeric_limits<A>::infinity();
         continue;
       }
-      const T* kb = kv + b * Lb * 2 * d;  // key j of this batch row at kb + j * 2d
+      key_rows(dm, b, nv, vis);  // now rows of kv
       for (int64_t h = 0; h < H; ++h) {
-        const T* qr = q + r * d + h * dh;
-        dots<T, A>(qr, kb + h * dh, vis, nv, 2 * d, dh, s);
+        const T* qr = q + rc * d + h * dh;
+        dots<T, A>(qr, kv + h * dh, vis, nv, 2 * d, dh, s);
         A mx = -std::numeric_limits<A>::infinity();
         for (int64_t k = 0; k < nv; ++k) {
           const A sk = s[k] * scale;
@@ -196,7 +209,7 @@ GCA_CPU_CLONES void attn_fwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t,
           l += e;
         }
         for (int64_t c = 0; c < dh; ++c) acc[c] = A(0);
-        axpys<T, A>(s, kb + d + h * dh, vis, nv, 2 * d, dh, acc);
+        axpys<T, A>(s, kv + d + h * dh, vis, nv, 2 * d, dh, acc);
         const A inv = A(1) / l;
         for (int64_t c = 0; c < dh; ++c) orow[h * dh + c] = static_cast<T>(acc[c] * inv);
         lse[r * H + h] = mx + std::log(l);
@@ -235,24 +248,25 @@ GCA_CPU_CLONES void attn_bwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t,
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < dm.B; ++b) {
       const bool* kpm_b = kpm ? kpm + b * Lb : nullptr;
-      const T* kb = kv + b * Lb * 2 * d;
-      T* dkb = dkv + b * Lb * 2 * d;
       for (int64_t i = 0; i < La; ++i) {
         const int64_t r = b * La + i;
-        T* dqr = dq + r * d;
+        const int64_t rc = dm.qpos ? dm.qpos[r] : r;  // row of q, o, dout, dq
+        if (rc < 0) continue;  // not stored: no visible key
+        T* dqr = dq + rc * d;
         if (std::isinf(lse[r * H])) {  // no visible key (for every head): p = 0, nothing flows
           for (int64_t c = 0; c < d; ++c) dqr[c] = T(0);
           continue;
         }
         const bool* am_row = am ? am + ((am_shared ? 0 : b) * La + i) * Lb : nullptr;
         const int64_t nv = visible_keys(kpm_b, am_row, Lb, vis);
+        key_rows(dm, b, nv, vis);  // now rows of kv and dkv (this task's: batch row b's keys)
         for (int64_t h = 0; h < H; ++h) {
-          const T* qr = q + r * d + h * dh;
-          const T* dor = dout + r * d + h * dh;
+          const T* qr = q + rc * d + h * dh;
+          const T* dor = dout + rc * d + h * dh;
           const A lse_r = lse[r * H + h];
-          const A D = dot<T, A>(dor, o + r * d + h * dh, dh);  // sum_j p_j dp_j
-          dots<T, A>(qr, kb + h * dh, vis, nv, 2 * d, dh, s);
-          dots<T, A>(dor, kb + d + h * dh, vis, nv, 2 * d, dh, ds);
+          const A D = dot<T, A>(dor, o + rc * d + h * dh, dh);  // sum_j p_j dp_j
+          dots<T, A>(qr, kv + h * dh, vis, nv, 2 * d, dh, s);
+          dots<T, A>(dor, kv + d + h * dh, vis, nv, 2 * d, dh, ds);
 #pragma omp simd
           for (int64_t k = 0; k < nv; ++k) {
             const A p = vexp<A>(s[k] * scale - lse_r);
@@ -260,9 +274,9 @@ GCA_CPU_CLONES void attn_bwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t,
             ds[k] = p * (ds[k] - D);
           }
           for (int64_t c = 0; c < dh; ++c) acc[c] = A(0);
-          axpys<T, A>(ds, kb + h * dh, vis, nv, 2 * d, dh, acc);
+          axpys<T, A>(ds, kv + h * dh, vis, nv, 2 * d, dh, acc);
           for (int64_t k = 0; k < nv; ++k) {
-            T* dkr = dkb + vis[k] * 2 * d + h * dh;
+            T* dkr = dkv + vis[k] * 2 * d + h * dh;
             T* dvr = dkr + d;
             const A dss = ds[k] * scale, p = s[k];
 #pragma omp simd
