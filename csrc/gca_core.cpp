@@ -337,30 +337,31 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
     K.attn_fwd(q, kv, opt(kpm), opt(am), o, lse, dmc);
   }
 
-  // bias added by the row kernel, only where a key was seen (x' = 0 elsewhere)
-  const at::Tensor xpo = at::mm(o_c, wo.t());  // o Wo^T on the active rows (no bias yet)
-  at::Tensor xp = qr.scatter(xpo);              // dense: xpo itself, turned into x' in place
+  // x' = o Wo^T, the bias added by the row kernel only where a key was seen (x' = 0 elsewhere;
+  // on the compact path those rows are not stored: x' is packed like q, and so is g)
+  at::Tensor xp_c, g_c;
+  at::Tensor xp = qr.packed(d, opts, xp_c);
+  at::mm_out(xp_c, o_c, wo.t());
   at::Tensor cos = at::empty({N}, opts);
   {
     RECORD_FUNCTION("gca::xprime_fwd", std::vector<c10::IValue>());  // named in profiles
-    K.xprime_fwd(xp, bo, lse, xa, cos, dm);
+    K.xprime_fwd(xp, bo, lse, xa, cos, dmc);
   }
 
-  // The gate only matters where x' != 0 (z = x_a + g * x'): on the compact path h holds the
-  // active rows packed at its top and g is act(0) on the other rows. There x' W1b^T is formed
-  // from the compact o Wo^T, with W1b bo folded into the bias (x' = o Wo^T + bo on those rows).
+  // The gate only matters where x' != 0 (z = x_a + g * x'): on the compact path h and g hold
+  // the active rows packed at their top.
   at::Tensor h = qr.packed(dm.hidden, opts, h_c);
-  const at::Tensor w1b = w1.narrow(1, d, d);
-  at::addmm_out(h_c, qr.compact() ? at::addmv(b1, w1b, bo) : b1, xa_c, w1.narrow(1, 0, d).t());
-  h_c.addmm_(xpo, w1b.t());
+  at::addmm_out(h_c, b1, xa_c, w1.narrow(1, 0, d).t());
+  h_c.addmm_(xp_c, w1.narrow(1, d, d).t());
   h_c.relu_();
-  at::Tensor g = qr.scatter(at::addmm(b2, h_c, w2.t()));
+  at::Tensor g = qr.packed(d, opts, g_c);
+  at::addmm_out(g_c, b2, h_c, w2.t());
   at::Tensor y = at::empty({N, d}, opts);
   const bool ln = ln_w.has_value();
   at::Tensor mean = at::empty({ln ? N : 0}, acc_opts), rstd = at::empty({ln ? N : 0}, acc_opts);
   {
     RECORD_FUNCTION("gca::gate_out_fwd", std::vector<c10::IValue>());  // named in profiles
-    K.gate_out_fwd(xa, xp, g, opt(ln_w), opt(ln_b), y, mean, rstd, act, ln_eps, dm);
+    K.gate_out_fwd(xa, xp, g, opt(ln_w), opt(ln_b), y, mean, rstd, act, ln_eps, dmc);
   }
   return {y.view({dm.B, dm.La, d}), cos.view({dm.B, dm.La}), q, kv, o, lse, xp, h, g, mean, rstd};
 }
@@ -402,55 +403,42 @@ std::vector<at::Tensor> gca_backward(
   const Rows kr = active_key_rows(dev, opt(kpm), dm);
   const Dims dmc = compact_dims(dm, qr, kr);
 
-  at::Tensor dg_pre = at::empty({N, d}, opts), dxp = at::empty({N, d}, opts),
+  // dg_pre and dxp exist on the rows x' is stored on (packed like it on the compact path)
+  at::Tensor dg_pre = at::empty({qr.n, d}, opts), dxp = at::empty({qr.n, d}, opts),
              dxa = at::empty({N, d}, opts);
   at::Tensor dln_w = at::empty({ln ? d : 0}, opts), dln_b = at::empty({ln ? d : 0}, opts);
   {
     RECORD_FUNCTION("gca::gate_out_bwd", std::vector<c10::IValue>());  // named in profiles
     K.gate_out_bwd(dy.view({N, d}), dcos.view({N}), xa, xp, g, opt(ln_w), mean, rstd, dg_pre, dxp,
-                   dxa, dln_w, dln_b, act, dm);
+                   dxa, dln_w, dln_b, act, dmc);
   }
 
   // Buffers are reused once dead (the custom op keeps every saved tensor alive until it
   // returns, so unlike eager autograd nothing is freed early: reuse keeps the peak below eager's).
   // dg_pre is dz * x' * act': zero on the rows without a visible key, which the compact path skips.
   const at::Tensor h_c = h.narrow(0, 0, qr.n);
-  at::Tensor dg_c = qr.gather(dg_pre);
-  at::Tensor dw2 = dg_c.t().mm(h_c);
-  at::Tensor db2 = dg_c.sum(0);
-  at::Tensor dh = dg_c.mm(w2);
-  dg_c.reset();
+  at::Tensor dw2 = dg_pre.t().mm(h_c);
+  at::Tensor db2 = dg_pre.sum(0);
+  at::Tensor dh = dg_pre.mm(w2);
   at::threshold_backward_out(dh, dh, h_c, 0);  // relu': h was stored post-relu
   at::Tensor db1 = dh.sum(0);
   const at::Tensor xa_c = qr.gather(xa);
-  at::Tensor dw1 = at::cat({dh.t().mm(xa_c), dh.t().mm(qr.gather(xp))}, 1);
-  at::Tensor dxa_c, dxp_c;  // gradients on the active rows (dxa_c: the part not yet in dxa)
+  at::Tensor dw1 = at::cat({dh.t().mm(xa_c), dh.t().mm(xp.narrow(0, 0, qr.n))}, 1);
+  at::Tensor dxa_c;  // compact path: the part of dx_a on the active rows not yet in dxa
   if (qr.compact()) {
     dxa_c = dh.mm(w1a);
-    // x' is the constant 0 on the other rows: nothing flows back through them
-    dxp_c = qr.gather(dxp).addmm_(dh, w1b);
   } else {
     dxa.addmm_(dh, w1a);
-    dxp.addmm_(dh, w1b);
-    dxp.mul_(lse.narrow(1, 0, 1).isfinite().to(dt));
-    dxp_c = dxp;
   }
+  dxp.addmm_(dh, w1b);
   dh.reset();
+  // x' is the constant 0 on rows without a visible key: nothing flows back through them
+  if (!qr.compact()) dxp.mul_(lse.narrow(1, 0, 1).isfinite().to(dt));
 
-  at::Tensor dbo = dxp_c.sum(0);
-  at::Tensor dwo = dxp_c.t().mm(o.narrow(0, 0, qr.n));  // o packed like q on the compact path
-  at::Tensor dout, dq;
-  if (qr.compact()) {
-    // compact d(o) and dq: the kernel reads and writes the active rows only
-    dout = dxp.narrow(0, 0, qr.n);  // dxp's buffer (dead since its gather) takes d(o)
-    at::mm_out(dout, dxp_c, wo);
-    dxp_c.reset();
-    dq = dg_pre.narrow(0, 0, qr.n);  // dead since its gather
-  } else {
-    dout = at::mm_out(dg_pre, dxp, wo);  // dg_pre is dead: its buffer takes d(o)
-    dq = std::move(dxp);                 // dxp dies as d(o) is formed: dq takes it
-    dxp_c.reset();
-  }
+  at::Tensor dbo = dxp.sum(0);
+  at::Tensor dwo = dxp.t().mm(o.narrow(0, 0, qr.n));  // o packed like x' on the compact path
+  at::Tensor dout = at::mm_out(dg_pre, dxp, wo);  // dg_pre is dead: its buffer takes d(o)
+  at::Tensor dq = std::move(dxp);                 // dxp dies as d(o) is formed: dq takes it
   at::Tensor dkv = at::zeros({kr.n, 2 * d}, opts);  // compact path: the unpadded keys only
   {
     RECORD_FUNCTION("gca::attn_bwd", std::vector<c10::IValue>());  // named in profiles

@@ -310,8 +310,13 @@ GCA_CPU_CLONES void xprime_fwd_impl(at::Tensor& xp_t, const at::Tensor& bo_t, co
   T* cos = cos_t.data_ptr<T>();         // (N)
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t r = 0; r < N; ++r) {
-    T* xr = xp + r * d;
+    const int64_t rc = dm.qpos ? dm.qpos[r] : r;  // row of xp (compact: active rows only)
     const T* ar = xa + r * d;
+    if (rc < 0) {  // not stored: no visible key, x' = 0 and cos = 0
+      cos[r] = T(0);
+      continue;
+    }
+    T* xr = xp + rc * d;
     if (std::isinf(lse[r * H])) {  // no visible key: x' = 0 exactly, bias not added
       for (int64_t c = 0; c < d; ++c) xr[c] = T(0);
       cos[r] = T(0);
@@ -355,12 +360,18 @@ GCA_CPU_CLONES void gate_out_fwd_impl(const at::Tensor& xa_t, const at::Tensor& 
     A* zp = z.data();
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < N; ++r) {
-      T* gr = g + r * d;
+      const int64_t rc = dm.qpos ? dm.qpos[r] : r;  // row of xp and g (compact: active rows)
       const T* ar = xa + r * d;
-      const T* pr = xp + r * d;
       T* yr = y + r * d;
       A sum = 0;
-      if (act == kSigmoid) {
+      if (rc < 0) {  // x' = 0: z = x_a, whatever the gate
+        for (int64_t c = 0; c < d; ++c) {
+          zp[c] = static_cast<A>(ar[c]);
+          sum += zp[c];
+        }
+      } else if (act == kSigmoid) {
+        T* gr = g + rc * d;
+        const T* pr = xp + rc * d;
 #pragma omp simd reduction(+ : sum)
         for (int64_t c = 0; c < d; ++c) {
           const T gv = static_cast<T>(A(1) / (A(1) + vexp<A>(-static_cast<A>(gr[c]))));
@@ -370,6 +381,8 @@ GCA_CPU_CLONES void gate_out_fwd_impl(const at::Tensor& xa_t, const at::Tensor& 
           sum += zc;
         }
       } else {
+        T* gr = g + rc * d;
+        const T* pr = xp + rc * d;
         for (int64_t c = 0; c < d; ++c) {
           const T gv = static_cast<T>(std::tanh(static_cast<A>(gr[c])));
           gr[c] = gv;
@@ -431,17 +444,24 @@ GCA_CPU_CLONES void gate_out_bwd_impl(const at::Tensor& dy_t, const at::Tensor& 
       if (ln) std::fill(pw, pw + 2 * d, A(0));
       const int64_t r_end = std::min(N, (ch + 1) * kRowsPerChunk);
       for (int64_t r = ch * kRowsPerChunk; r < r_end; ++r) {
+        const int64_t rc = dm.qpos ? dm.qpos[r] : r;  // row of xp, g, dg_pre, dxp
         const T* dyr = dy + r * d;
         const T* ar = xa + r * d;
-        const T* pr = xp + r * d;
-        const T* gr = g + r * d;
+        const T* pr = rc < 0 ? nullptr : xp + rc * d;
+        const T* gr = rc < 0 ? nullptr : g + rc * d;
         if (ln) {
           const A mu = mean[r], rs = rstd[r];
+          if (pr) {  // z, kept in zh until zhat replaces it
+#pragma omp simd
+            for (int64_t c = 0; c < d; ++c)
+              zhp[c] = static_cast<A>(ar[c]) + static_cast<A>(gr[c]) * static_cast<A>(pr[c]);
+          } else {
+            for (int64_t c = 0; c < d; ++c) zhp[c] = static_cast<A>(ar[c]);
+          }
           A s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
           for (int64_t c = 0; c < d; ++c) {
-            const A z = static_cast<A>(ar[c]) + static_cast<A>(gr[c]) * static_cast<A>(pr[c]);
-            const A zhat = (z - mu) * rs;
+            const A zhat = (zhp[c] - mu) * rs;
             const A dyc = dyr[c];
             const A dzh = dyc * static_cast<A>(lnw[c]);
             zhp[c] = zhat;
@@ -456,6 +476,11 @@ GCA_CPU_CLONES void gate_out_bwd_impl(const at::Tensor& dy_t, const at::Tensor& 
           for (int64_t c = 0; c < d; ++c) dzp[c] = rs * (dzp[c] - m1 - zhp[c] * m2);
         } else {
           for (int64_t c = 0; c < d; ++c) dzp[c] = dyr[c];
+        }
+        if (!pr) {  // x' = 0 (not stored): the cosine is 0 whatever x_a, nothing reaches x'
+          T* dxar = dxa + r * d;
+          for (int64_t c = 0; c < d; ++c) dxar[c] = static_cast<T>(dzp[c]);
+          continue;
         }
         // cosine: c = <a, b> / max(|a||b|, eps)
         A dt = 0, na2 = 0, nb2 = 0;
@@ -473,8 +498,8 @@ GCA_CPU_CLONES void gate_out_bwd_impl(const at::Tensor& dy_t, const at::Tensor& 
         const bool floored = !(den > A(kCosEps));
         const A inv_den = floored ? A(1) / A(kCosEps) : A(1) / den;
         const A ca = floored ? A(0) : cs / na2, cb = floored ? A(0) : cs / nb2;
-        T* dgr = dgp + r * d;
-        T* dxpr = dxp + r * d;
+        T* dgr = dgp + rc * d;
+        T* dxpr = dxp + rc * d;
         T* dxar = dxa + r * d;
 #pragma omp simd
         for (int64_t c = 0; c < d; ++c) {
