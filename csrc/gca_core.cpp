@@ -12,14 +12,15 @@
 // to (its k, v and gradients are exactly zero), and a keyless query row has x' = 0 exactly, so
 // its q, o, x' and gate (z = x_a + g * x' = x_a whatever g is) never reach y, and dg = dz * x'
 // * act' = 0 sends nothing back through them. The eager reference must still compute every row
-// of every product; here the products run on the active rows only: gather them (x_a, x_b, o,
-// ...), multiply, scatter the result into the full-size tensor the row kernels index (zeros on
-// the skipped rows). That halves the matrix work on such batches. The row sets come from the
-// masks (active_query_rows / active_key_rows), recomputed identically in the backward; the saved
-// gate hidden layer h holds the active rows packed at its top. Above 90% active rows, or under
-// 128 rows, the dense path runs (gathers would cost more than they save). Gathers and scatters
-// are plain row copies and every output row is written once, so results stay bit-identical
-// run to run. The CUDA path is dense.
+// of every product; here the products run on the active rows only, which halves the matrix
+// work on such batches. Only the inputs are gathered (x_a, x_b rows) and dx_b scattered: q, o,
+// x', h, g (and in the backward d(o), dq, dg, dx') exist on the active rows alone, packed at
+// the top of the saved (N, .) tensors (zeros below), and k, v, dk, dv on the unpadded keys; the
+// row kernels reach them through the row maps in Dims (qrow/qpos/kpos). The row sets come from
+// the masks (active_query_rows / active_key_rows), recomputed identically in the backward.
+// Above 90% active rows, or under 128 rows, the dense path runs (gathers would cost more than
+// they save). Gathers and scatters are plain row copies and every output row is written once,
+// so results stay bit-identical run to run. The CUDA path is dense (the maps stay null).
 #include "gca_core.h"
 
 #include <ATen/Parallel.h>

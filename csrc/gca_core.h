@@ -44,7 +44,9 @@ struct Dims {
 };
 
 // Row kernels a device backend provides. Masks are undefined tensors when absent; lse, mean
-// and rstd are in the accumulation dtype (float32, or float64 for float64 inputs).
+// and rstd are in the accumulation dtype (float32, or float64 for float64 inputs). Shapes are
+// those of the dense path; with the CPU row maps of Dims set, q, o, dout, dq, xp, g, dg_pre and
+// dxp hold only the active query rows and kv, dkv only the unpadded keys (see Dims).
 struct GCAKernels {
   // o (N, d), lse (N, H): masked softmax(q k^T / sqrt(dh)) v per (row, head); lse = +inf marks
   // a row with no visible key (o = 0 there).
