@@ -97,6 +97,9 @@ COMPACT_CASES = {
     "mixed": dict(lengths=[0, 40, 7, 23, 1, 31, 12, 40], L=40, d=32, heads=2),
     "mixed-3d-tanh-noln": dict(lengths=[5, 0, 17, 3, 9, 0], L=24, d=48, heads=4,
                                activation="tanh", layer_norm=False, mask="3d"),
+    # padded keys, no mask: every query row with an unpadded key is active (dense queries,
+    # compact keys)
+    "keys-only": dict(lengths=[5, 30, 12, 30, 20, 30], L=30, d=32, heads=2, mask=None),
     # no padding and no mask: every row active, the dense path
     "dense": dict(lengths=[30] * 6, L=30, d=32, heads=1, mask=None),
     # one fully padded batch row among 12: above the active fraction that compaction needs
@@ -141,7 +144,9 @@ def _gathers_in_forward(p):
 
 def test_compact_path_taken_only_when_rows_are_skipped():
     # the accuracy tests above would pass on the dense path too: check which one ran
-    assert _gathers_in_forward(cast_problem(left_padded_problem(**COMPACT_CASES["mixed"]), torch.float32)) > 0
+    for name in ("mixed", "keys-only"):
+        p = cast_problem(left_padded_problem(**COMPACT_CASES[name]), torch.float32)
+        assert _gathers_in_forward(p) > 0, name
     for name in ("dense", "dense-one-empty-row"):
         p = cast_problem(left_padded_problem(**COMPACT_CASES[name]), torch.float32)
         assert _gathers_in_forward(p) == 0, name
