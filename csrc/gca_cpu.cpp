@@ -99,36 +99,6 @@ inline A dot(const T* a, const T* b, int64_t n) {
   return acc;
 }
 
-// The dot products of x with four rows in one pass: x is loaded once, and the four sums are
-// independent dependency chains (one dot at a time is bound by the latency of its single chain).
-template <typename T, typename A>
-inline void dot4(const T* x, const T* r0, const T* r1, const T* r2, const T* r3, int64_t n, A* out) {
-  A a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-  for (int64_t c = 0; c < n; ++c) {
-    const A xc = x[c];
-    a0 += xc * static_cast<A>(r0[c]);
-    a1 += xc * static_cast<A>(r1[c]);
-    a2 += xc * static_cast<A>(r2[c]);
-    a3 += xc * static_cast<A>(r3[c]);
-  }
-  out[0] = a0;
-  out[1] = a1;
-  out[2] = a2;
-  out[3] = a3;
-}
-
-// out[k] = <x, rows + vis[k] * stride> for k < nv (rows already offset to the head's columns).
-template <typename T, typename A>
-inline void dots(const T* x, const T* rows, const int32_t* vis, int64_t nv, int64_t stride,
-                 int64_t n, A* out) {
-  int64_t k = 0;
-  for (; k + 4 <= nv; k += 4)
-    dot4<T, A>(x, rows + vis[k] * stride, rows + vis[k + 1] * stride, rows + vis[k + 2] * stride,
-               rows + vis[k + 3] * stride, n, out + k);
-  for (; k < nv; ++k) out[k] = dot<T, A>(x, rows + vis[k] * stride, n);
-}
-
 // acc += sum_k w[k] * (rows + vis[k] * stride), four rows per pass over acc.
 template <typename T, typename A>
 inline void axpys(const A* w, const T* rows, const int32_t* vis, int64_t nv, int64_t stride,
@@ -153,6 +123,96 @@ inline void axpys(const A* w, const T* rows, const int32_t* vis, int64_t nv, int
   }
 }
 
+// First compact key row of batch row b in kv and how many follow. Compact rows keep the full
+// row order, so b's unpadded keys are one contiguous block of kv.
+inline void key_block(const Dims& dm, int64_t b, int64_t& k0, int64_t& nk) {
+  if (!dm.kpos) {
+    k0 = b * dm.Lb;
+    nk = dm.Lb;
+    return;
+  }
+  const int32_t* p = dm.kpos + b * dm.Lb;
+  int64_t lo = -1, hi = -1;
+  for (int64_t j = 0; j < dm.Lb; ++j) {
+    if (p[j] < 0) continue;
+    if (lo < 0) lo = p[j];
+    hi = p[j];
+  }
+  k0 = lo < 0 ? 0 : lo;
+  nk = lo < 0 ? 0 : hi - lo + 1;
+}
+
+// Key loops run over whole blocks of kW keys: with a few dozen keys per row, the remainder of
+// a runtime-length vector loop (scalar, up to 15 iterations) cost as much as its vector part.
+// Block columns past a row's last visible key, or before its first, carry vm = 0 (p = 0).
+constexpr int64_t kW = 16;
+inline int64_t round_up(int64_t n) { return (n + kW - 1) / kW * kW; }
+
+// t[c * ld + j] = rows[j * rs + c] for c < n, j < nk, and 0 for nk <= j < ld: the block's keys
+// (and values) transposed, so that the scores of one query row are a loop along the keys
+// (vectorised, no horizontal sums; with dh = 32 a dot product per key spent most of its time
+// reducing its vector).
+template <typename T, typename A>
+inline void transpose_block(const T* rows, int64_t nk, int64_t rs, int64_t n, int64_t ld, A* t) {
+  for (int64_t c = 0; c < n; ++c)
+    for (int64_t j = nk; j < ld; ++j) t[c * ld + j] = A(0);
+  for (int64_t j = 0; j < nk; ++j)
+    for (int64_t c = 0; c < n; ++c) t[c * ld + j] = static_cast<A>(rows[j * rs + c]);
+}
+
+// s[j] = sum_c (x[c] a) t[c * ld + j] for j in [lo, hi) (multiples of kW), four columns of t
+// per pass over s. The scores take the softmax scale through a: forward and backward then
+// recompute the same scaled scores bit for bit (scaling afterwards lets the compiler fuse
+// s * scale - lse into one FMA in the backward, and a lone visible key would no longer get
+// exactly p = 1).
+template <typename T, typename A>
+inline void tdots(const T* x, A a, const A* t, int64_t ld, int64_t n, int64_t lo, int64_t hi, A* s) {
+  for (int64_t j = lo; j < hi; ++j) s[j] = A(0);
+  int64_t c = 0;
+  for (; c + 4 <= n; c += 4) {
+    const A x0 = x[c] * a, x1 = x[c + 1] * a, x2 = x[c + 2] * a, x3 = x[c + 3] * a;
+    const A *t0 = t + c * ld, *t1 = t0 + ld, *t2 = t1 + ld, *t3 = t2 + ld;
+    for (int64_t j0 = lo; j0 < hi; j0 += kW) {
+#pragma omp simd
+      for (int64_t j = j0; j < j0 + kW; ++j)
+        s[j] += x0 * t0[j] + x1 * t1[j] + x2 * t2[j] + x3 * t3[j];
+    }
+  }
+  for (; c < n; ++c) {
+    const A xc = x[c] * a;
+    const A* tc = t + c * ld;
+    for (int64_t j0 = lo; j0 < hi; j0 += kW) {
+#pragma omp simd
+      for (int64_t j = j0; j < j0 + kW; ++j) s[j] += xc * tc[j];
+    }
+  }
+}
+
+// t[c * ld + j] += x[c] * a * w[j] for c < n, j in [lo, hi) (multiples of kW): rank-one update
+// of a transposed gradient block.
+template <typename T, typename A>
+inline void tger(const T* x, A a, const A* w, int64_t ld, int64_t n, int64_t lo, int64_t hi, A* t) {
+  for (int64_t c = 0; c < n; ++c) {
+    const A xc = static_cast<A>(x[c]) * a;
+    A* tc = t + c * ld;
+    for (int64_t j0 = lo; j0 < hi; j0 += kW) {
+#pragma omp simd
+      for (int64_t j = j0; j < j0 + kW; ++j) tc[j] += xc * w[j];
+    }
+  }
+}
+
+// vm[j] = 1 for the visible keys (vis: rows of kv, ascending; block-relative after - k0), 0 for
+// the other columns of [lo, hi), the whole kW blocks spanning them.
+template <typename A>
+inline void visible_range(const int32_t* vis, int64_t nv, int64_t k0, A* vm, int64_t& lo,
+                          int64_t& hi) {
+  lo = (vis[0] - k0) / kW * kW;
+  hi = round_up(vis[nv - 1] - k0 + 1);
+  for (int64_t j = lo; j < hi; ++j) vm[j] = A(0);
+  for (int64_t k = 0; k < nv; ++k) vm[vis[k] - k0] = A(1);
+}
+
 template <typename T>
 GCA_CPU_CLONES void attn_fwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t, const at::Tensor& kpm_t,
                    const at::Tensor& am_t, at::Tensor& o_t, at::Tensor& lse_t, const Dims& dm) {
@@ -166,53 +226,68 @@ GCA_CPU_CLONES void attn_fwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t,
   T* o = o_t.data_ptr<T>();           // (B*La, d)
   A* lse = lse_t.data_ptr<A>();       // (B*La, H)
   const A scale = A(1) / std::sqrt(A(dh));
-  // compact: only the stored rows (q and o row c is full row qrow[c]; lse stays full-size and
-  // the caller has set it to +inf on the other rows)
-  const int64_t N = dm.qrow ? dm.nq : dm.B * La;
-  // One task per query row (all heads share its visible-key list). Rows are independent, so
-  // the dynamic schedule (keyless rows are cheap) does not change any result.
+  const A ninf = -std::numeric_limits<A>::infinity();
+  // One task per batch row: its keys are transposed once and serve all its query rows (all
+  // heads share a row's visible-key list). Rows are independent, so the dynamic schedule does
+  // not change any result. Compact path: rows without a stored q are skipped (the caller has
+  // set their lse to +inf).
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<int32_t> visv(Lb);
-    std::vector<A> sv(Lb), accv(dh);
+    const int64_t Lw = round_up(Lb);
+    std::vector<A> sv(Lw), vmv(Lw), wv(Lb), accv(dh), ktv(d * Lw);
     int32_t* vis = visv.data();
     A* s = sv.data();
+    A* vm = vmv.data();
+    A* w = wv.data();
     A* acc = accv.data();
-#pragma omp for schedule(dynamic, 16)
-    for (int64_t rc = 0; rc < N; ++rc) {
-      const int64_t r = dm.qrow ? dm.qrow[rc] : rc;
-      const int64_t b = r / La, i = r % La;
+    A* kt = ktv.data();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < dm.B; ++b) {
+      int64_t k0, nk;
+      key_block(dm, b, k0, nk);
+      const int64_t ld = round_up(nk);
+      bool transposed = false;
       const bool* kpm_b = kpm ? kpm + b * Lb : nullptr;
-      const bool* am_row = am ? am + ((am_shared ? 0 : b) * La + i) * Lb : nullptr;
-      const int64_t nv = visible_keys(kpm_b, am_row, Lb, vis);
-      T* orow = o + rc * d;
-      if (nv == 0) {  // no visible key: o = 0, lse = +inf marks the row
-        for (int64_t c = 0; c < d; ++c) orow[c] = T(0);
-        for (int64_t h = 0; h < H; ++h) lse[r * H + h] = std::numeric_limits<A>::infinity();
-        continue;
-      }
-      key_rows(dm, b, nv, vis);  // now rows of kv
-      for (int64_t h = 0; h < H; ++h) {
-        const T* qr = q + rc * d + h * dh;
-        dots<T, A>(qr, kv + h * dh, vis, nv, 2 * d, dh, s);
-        A mx = -std::numeric_limits<A>::infinity();
-        for (int64_t k = 0; k < nv; ++k) {
-          const A sk = s[k] * scale;
-          s[k] = sk;
-          mx = sk > mx ? sk : mx;
+      for (int64_t i = 0; i < La; ++i) {
+        const int64_t r = b * La + i;
+        const int64_t rc = dm.qpos ? dm.qpos[r] : r;  // row of q and o
+        if (rc < 0) continue;
+        const bool* am_row = am ? am + ((am_shared ? 0 : b) * La + i) * Lb : nullptr;
+        const int64_t nv = visible_keys(kpm_b, am_row, Lb, vis);
+        T* orow = o + rc * d;
+        if (nv == 0) {  // no visible key: o = 0, lse = +inf marks the row
+          for (int64_t c = 0; c < d; ++c) orow[c] = T(0);
+          for (int64_t h = 0; h < H; ++h) lse[r * H + h] = std::numeric_limits<A>::infinity();
+          continue;
         }
-        A l = 0;
+        if (!transposed) {
+          transpose_block<T, A>(kv + k0 * 2 * d, nk, 2 * d, d, ld, kt);
+          transposed = true;
+        }
+        key_rows(dm, b, nv, vis);  // now rows of kv
+        int64_t lo, hi;
+        visible_range<A>(vis, nv, k0, vm, lo, hi);
+        for (int64_t h = 0; h < H; ++h) {
+          tdots<T, A>(q + rc * d + h * dh, scale, kt + h * dh * ld, ld, dh, lo, hi, s);
+          A mx = ninf;
+          for (int64_t j = lo; j < hi; ++j) mx = (vm[j] != A(0) && s[j] > mx) ? s[j] : mx;
+          A l = 0;
+          for (int64_t j0 = lo; j0 < hi; j0 += kW) {
 #pragma omp simd reduction(+ : l)
-        for (int64_t k = 0; k < nv; ++k) {
-          const A e = vexp<A>(s[k] - mx);
-          s[k] = e;
-          l += e;
+            for (int64_t j = j0; j < j0 + kW; ++j) {
+              const A e = vm[j] != A(0) ? vexp<A>(s[j] - mx) : A(0);
+              s[j] = e;
+              l += e;
+            }
+          }
+          for (int64_t k = 0; k < nv; ++k) w[k] = s[vis[k] - k0];
+          for (int64_t c = 0; c < dh; ++c) acc[c] = A(0);
+          axpys<T, A>(w, kv + d + h * dh, vis, nv, 2 * d, dh, acc);
+          const A inv = A(1) / l;
+          for (int64_t c = 0; c < dh; ++c) orow[h * dh + c] = static_cast<T>(acc[c] * inv);
+          lse[r * H + h] = mx + std::log(l);
         }
-        for (int64_t c = 0; c < dh; ++c) acc[c] = A(0);
-        axpys<T, A>(s, kv + d + h * dh, vis, nv, 2 * d, dh, acc);
-        const A inv = A(1) / l;
-        for (int64_t c = 0; c < dh; ++c) orow[h * dh + c] = static_cast<T>(acc[c] * inv);
-        lse[r * H + h] = mx + std::log(l);
       }
     }
   }
@@ -226,7 +301,7 @@ GCA_CPU_CLONES void attn_bwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t,
   const int64_t La = dm.La, Lb = dm.Lb, d = dm.d, H = dm.H, dh = d / H;
   const T* q = q_t.data_ptr<T>();      // (B*La, d)
   const T* kv = kv_t.data_ptr<T>();    // (B*Lb, 2d)
-  const T* o = o_t.data_ptr<T>();      // (B*La, d)
+  // o is not read: D = sum_j p_j dp_j is formed from the recomputed p (see below)
   const T* dout = do_t.data_ptr<T>();  // (B*La, d)
   const A* lse = lse_t.data_ptr<A>();  // (B*La, H)
   const bool* kpm = kpm_t.defined() ? kpm_t.data_ptr<bool>() : nullptr;
@@ -235,18 +310,35 @@ GCA_CPU_CLONES void attn_bwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t,
   T* dq = dq_t.data_ptr<T>();          // (B*La, d)
   T* dkv = dkv_t.data_ptr<T>();        // (B*Lb, 2d), zero on entry
   const A scale = A(1) / std::sqrt(A(dh));
-  // One task per batch row: it owns that row's dk/dv, so the sums over query rows need no
-  // atomics and always run in the same order (bit-identical whatever the thread count).
+  // One task per batch row: it owns that row's dk/dv (zero on entry), so the sums over query
+  // rows need no atomics and always run in the same order (bit-identical whatever the thread
+  // count). Its keys and values are transposed once for the score loops of all its rows.
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<int32_t> visv(Lb);
-    std::vector<A> sv(Lb), dsv(Lb), accv(dh);
+    const int64_t Lw = round_up(Lb);
+    std::vector<A> sv(Lw), dsv(Lw), vmv(Lw), wv(Lb), accv(dh), kvtv(2 * d * Lw);
     int32_t* vis = visv.data();
     A* s = sv.data();
     A* ds = dsv.data();
+    A* vm = vmv.data();
+    A* w = wv.data();
     A* acc = accv.data();
+    A* kvt = kvtv.data();  // (2d, ld): k^T then v^T
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < dm.B; ++b) {
+      int64_t k0, nk;
+      key_block(dm, b, k0, nk);
+      if (nk == 0) {  // no stored key: only keyless query rows (dq = 0)
+        for (int64_t i = 0; i < La; ++i) {
+          const int64_t r = b * La + i;
+          const int64_t rc = dm.qpos ? dm.qpos[r] : r;
+          if (rc >= 0) for (int64_t c = 0; c < d; ++c) dq[rc * d + c] = T(0);
+        }
+        continue;
+      }
+      const int64_t ld = round_up(nk);
+      transpose_block<T, A>(kv + k0 * 2 * d, nk, 2 * d, 2 * d, ld, kvt);
       const bool* kpm_b = kpm ? kpm + b * Lb : nullptr;
       for (int64_t i = 0; i < La; ++i) {
         const int64_t r = b * La + i;
@@ -259,33 +351,44 @@ GCA_CPU_CLONES void attn_bwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t,
         }
         const bool* am_row = am ? am + ((am_shared ? 0 : b) * La + i) * Lb : nullptr;
         const int64_t nv = visible_keys(kpm_b, am_row, Lb, vis);
-        key_rows(dm, b, nv, vis);  // now rows of kv and dkv (this task's: batch row b's keys)
+        key_rows(dm, b, nv, vis);  // now rows of kv (this task's block)
+        int64_t lo, hi;
+        visible_range<A>(vis, nv, k0, vm, lo, hi);
         for (int64_t h = 0; h < H; ++h) {
           const T* qr = q + rc * d + h * dh;
           const T* dor = dout + rc * d + h * dh;
           const A lse_r = lse[r * H + h];
-          const A D = dot<T, A>(dor, o + rc * d + h * dh, dh);  // sum_j p_j dp_j
-          dots<T, A>(qr, kv + h * dh, vis, nv, 2 * d, dh, s);
-          dots<T, A>(dor, kv + d + h * dh, vis, nv, 2 * d, dh, ds);
-#pragma omp simd
-          for (int64_t k = 0; k < nv; ++k) {
-            const A p = vexp<A>(s[k] * scale - lse_r);
-            s[k] = p;
-            ds[k] = p * (ds[k] - D);
+          tdots<T, A>(qr, scale, kvt + h * dh * ld, ld, dh, lo, hi, s);
+          tdots<T, A>(dor, A(1), kvt + (d + h * dh) * ld, ld, dh, lo, hi, ds);  // dp
+          // D = sum_j p_j dp_j from the recomputed p and dp themselves, not as <do, o>: summed
+          // in the same order as dp, it makes ds exactly 0 where one key takes all the weight
+          A D = 0;
+          for (int64_t j0 = lo; j0 < hi; j0 += kW) {
+#pragma omp simd reduction(+ : D)
+            for (int64_t j = j0; j < j0 + kW; ++j) {
+              const A p = vm[j] != A(0) ? vexp<A>(s[j] - lse_r) : A(0);
+              s[j] = p;
+              D += p * ds[j];
+            }
           }
+          for (int64_t j0 = lo; j0 < hi; j0 += kW) {
+#pragma omp simd
+            for (int64_t j = j0; j < j0 + kW; ++j) ds[j] = s[j] * (ds[j] - D);
+          }
+          for (int64_t k = 0; k < nv; ++k) w[k] = ds[vis[k] - k0];
           for (int64_t c = 0; c < dh; ++c) acc[c] = A(0);
-          axpys<T, A>(ds, kv + h * dh, vis, nv, 2 * d, dh, acc);
+          axpys<T, A>(w, kv + h * dh, vis, nv, 2 * d, dh, acc);
+          for (int64_t c = 0; c < dh; ++c) dqr[h * dh + c] = static_cast<T>(acc[c] * scale);
           for (int64_t k = 0; k < nv; ++k) {
             T* dkr = dkv + vis[k] * 2 * d + h * dh;
             T* dvr = dkr + d;
-            const A dss = ds[k] * scale, p = s[k];
+            const A dss = ds[vis[k] - k0] * scale, p = s[vis[k] - k0];
 #pragma omp simd
             for (int64_t c = 0; c < dh; ++c) {
               dkr[c] = static_cast<T>(static_cast<A>(dkr[c]) + dss * static_cast<A>(qr[c]));
               dvr[c] = static_cast<T>(static_cast<A>(dvr[c]) + p * static_cast<A>(dor[c]));
             }
           }
-          for (int64_t c = 0; c < dh; ++c) dqr[h * dh + c] = static_cast<T>(acc[c] * scale);
         }
       }
     }
