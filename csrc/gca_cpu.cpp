@@ -147,6 +147,8 @@ inline void key_block(const Dims& dm, int64_t b, int64_t& k0, int64_t& nk) {
 // Block columns past a row's last visible key, or before its first, carry vm = 0 (p = 0).
 constexpr int64_t kW = 16;
 inline int64_t round_up(int64_t n) { return (n + kW - 1) / kW * kW; }
+// Query rows per group in the attention backward (its dk/dv update is written for four).
+constexpr int64_t kG = 4;
 
 // t[c * ld + j] = rows[j * rs + c] for c < n, j < nk, and 0 for nk <= j < ld: the block's keys
 // (and values) transposed, so that the scores of one query row are a loop along the keys
@@ -154,37 +156,53 @@ inline int64_t round_up(int64_t n) { return (n + kW - 1) / kW * kW; }
 // reducing its vector).
 template <typename T, typename A>
 inline void transpose_block(const T* rows, int64_t nk, int64_t rs, int64_t n, int64_t ld, A* t) {
-  for (int64_t c = 0; c < n; ++c)
-    for (int64_t j = nk; j < ld; ++j) t[c * ld + j] = A(0);
-  for (int64_t j = 0; j < nk; ++j)
-    for (int64_t c = 0; c < n; ++c) t[c * ld + j] = static_cast<A>(rows[j * rs + c]);
+  // row by row of t: its writes are contiguous and only the reads stride (written column by
+  // column, the strided stores made this copy 12% of the backward kernel)
+  for (int64_t c = 0; c < n; ++c) {
+    A* tc = t + c * ld;
+    for (int64_t j = 0; j < nk; ++j) tc[j] = static_cast<A>(rows[j * rs + c]);
+    for (int64_t j = nk; j < ld; ++j) tc[j] = A(0);
+  }
 }
 
-// s[j] = sum_c (x[c] a) t[c * ld + j] for j in [lo, hi) (multiples of kW), four columns of t
-// per pass over s. The scores take the softmax scale through a: forward and backward then
-// recompute the same scaled scores bit for bit (scaling afterwards lets the compiler fuse
-// s * scale - lse into one FMA in the backward, and a lone visible key would no longer get
-// exactly p = 1).
+// One kW-key block of scores in registers (GCC vector extension: one zmm, two ymm or four xmm,
+// whichever clone runs).
+template <typename A>
+struct KBlock {
+  typedef A V __attribute__((vector_size(kW * sizeof(A))));
+};
+
+// s[j] = sum_c (x[c] a) t[c * ld + j] for j in [lo, hi) (multiples of kW). Each block of kW
+// keys is summed in registers over c in four interleaved chains (summing into s in memory, one
+// pass of c after another, made every pass wait on the previous pass's store). The scores take
+// the softmax scale through a: forward and backward then recompute the same scaled scores bit
+// for bit (scaling afterwards lets the compiler fuse s * scale - lse into one FMA in the
+// backward, and a lone visible key would no longer get exactly p = 1).
 template <typename T, typename A>
 inline void tdots(const T* x, A a, const A* t, int64_t ld, int64_t n, int64_t lo, int64_t hi, A* s) {
-  for (int64_t j = lo; j < hi; ++j) s[j] = A(0);
-  int64_t c = 0;
-  for (; c + 4 <= n; c += 4) {
-    const A x0 = x[c] * a, x1 = x[c + 1] * a, x2 = x[c + 2] * a, x3 = x[c + 3] * a;
-    const A *t0 = t + c * ld, *t1 = t0 + ld, *t2 = t1 + ld, *t3 = t2 + ld;
-    for (int64_t j0 = lo; j0 < hi; j0 += kW) {
-#pragma omp simd
-      for (int64_t j = j0; j < j0 + kW; ++j)
-        s[j] += x0 * t0[j] + x1 * t1[j] + x2 * t2[j] + x3 * t3[j];
+  using V = typename KBlock<A>::V;
+  for (int64_t j0 = lo; j0 < hi; j0 += kW) {
+    V a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    const A* tj = t + j0;
+    int64_t c = 0;
+    for (; c + 4 <= n; c += 4) {
+      V t0, t1, t2, t3;
+      std::memcpy(&t0, tj + c * ld, sizeof(V));
+      std::memcpy(&t1, tj + (c + 1) * ld, sizeof(V));
+      std::memcpy(&t2, tj + (c + 2) * ld, sizeof(V));
+      std::memcpy(&t3, tj + (c + 3) * ld, sizeof(V));
+      a0 += (static_cast<A>(x[c]) * a) * t0;
+      a1 += (static_cast<A>(x[c + 1]) * a) * t1;
+      a2 += (static_cast<A>(x[c + 2]) * a) * t2;
+      a3 += (static_cast<A>(x[c + 3]) * a) * t3;
     }
-  }
-  for (; c < n; ++c) {
-    const A xc = x[c] * a;
-    const A* tc = t + c * ld;
-    for (int64_t j0 = lo; j0 < hi; j0 += kW) {
-#pragma omp simd
-      for (int64_t j = j0; j < j0 + kW; ++j) s[j] += xc * tc[j];
+    for (; c < n; ++c) {
+      V t0;
+      std::memcpy(&t0, tj + c * ld, sizeof(V));
+      a0 += (static_cast<A>(x[c]) * a) * t0;
     }
+    const V r = (a0 + a1) + (a2 + a3);
+    std::memcpy(s + j0, &r, sizeof(V));
   }
 }
 
@@ -312,19 +330,18 @@ GCA_CPU_CLONES void attn_bwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t,
   const A scale = A(1) / std::sqrt(A(dh));
   // One task per batch row: it owns that row's dk/dv (zero on entry), so the sums over query
   // rows need no atomics and always run in the same order (bit-identical whatever the thread
-  // count). Its keys and values are transposed once for the score loops of all its rows.
+  // count). Its keys and values are transposed once for the score loops of all its rows, and
+  // its query rows go kG at a time, so that each dk/dv row is read and written once per group
+  // (with a causal mask neighbouring rows see nearly the same keys), not once per query row.
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    std::vector<int32_t> visv(Lb);
     const int64_t Lw = round_up(Lb);
-    std::vector<A> sv(Lw), dsv(Lw), vmv(Lw), wv(Lb), accv(dh), kvtv(2 * d * Lw);
-    int32_t* vis = visv.data();
-    A* s = sv.data();
-    A* ds = dsv.data();
-    A* vm = vmv.data();
-    A* w = wv.data();
+    std::vector<int32_t> visv(kG * Lb), uv(Lw);  // u: written at every j of [lo, hi)
+    std::vector<A> sv(kG * Lw), dsv(kG * Lw), vmv(kG * Lw), wv(Lb), accv(dh), kvtv(2 * d * Lw);
     A* acc = accv.data();
+    A* w = wv.data();
     A* kvt = kvtv.data();  // (2d, ld): k^T then v^T
+    int32_t* u = uv.data();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < dm.B; ++b) {
       int64_t k0, nk;
@@ -340,53 +357,112 @@ GCA_CPU_CLONES void attn_bwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t,
       const int64_t ld = round_up(nk);
       transpose_block<T, A>(kv + k0 * 2 * d, nk, 2 * d, 2 * d, ld, kvt);
       const bool* kpm_b = kpm ? kpm + b * Lb : nullptr;
-      for (int64_t i = 0; i < La; ++i) {
-        const int64_t r = b * La + i;
-        const int64_t rc = dm.qpos ? dm.qpos[r] : r;  // row of q, o, dout, dq
-        if (rc < 0) continue;  // not stored: no visible key
-        T* dqr = dq + rc * d;
-        if (std::isinf(lse[r * H])) {  // no visible key (for every head): p = 0, nothing flows
-          for (int64_t c = 0; c < d; ++c) dqr[c] = T(0);
-          continue;
+      int64_t rows[kG], nvs[kG];
+      int64_t i = 0;
+      while (i < La) {
+        // the next kG query rows of b with a visible key
+        int64_t G = 0;
+        for (; i < La && G < kG; ++i) {
+          const int64_t r = b * La + i;
+          const int64_t rc = dm.qpos ? dm.qpos[r] : r;  // row of q, o, dout, dq
+          if (rc < 0) continue;  // not stored: no visible key
+          if (std::isinf(lse[r * H])) {  // no visible key (for every head): p = 0, nothing flows
+            for (int64_t c = 0; c < d; ++c) dq[rc * d + c] = T(0);
+            continue;
+          }
+          const bool* am_row = am ? am + ((am_shared ? 0 : b) * La + i) * Lb : nullptr;
+          int32_t* vis = visv.data() + G * Lb;
+          nvs[G] = visible_keys(kpm_b, am_row, Lb, vis);
+          key_rows(dm, b, nvs[G], vis);  // now rows of kv (this task's block)
+          rows[G++] = r;
         }
-        const bool* am_row = am ? am + ((am_shared ? 0 : b) * La + i) * Lb : nullptr;
-        const int64_t nv = visible_keys(kpm_b, am_row, Lb, vis);
-        key_rows(dm, b, nv, vis);  // now rows of kv (this task's block)
-        int64_t lo, hi;
-        visible_range<A>(vis, nv, k0, vm, lo, hi);
+        if (G == 0) continue;
+        // [lo, hi): the kW blocks spanning every row's visible keys; vm per row over all of it
+        int64_t lo = Lw, hi = 0;
+        for (int64_t g = 0; g < G; ++g) {
+          const int32_t* vis = visv.data() + g * Lb;
+          lo = std::min<int64_t>(lo, (vis[0] - k0) / kW * kW);
+          hi = std::max<int64_t>(hi, round_up(vis[nvs[g] - 1] - k0 + 1));
+        }
+        for (int64_t g = 0; g < kG; ++g) {
+          A* vm = vmv.data() + g * Lw;
+          for (int64_t j = lo; j < hi; ++j) vm[j] = A(0);
+          if (g >= G) {  // a missing row of the group: p = ds = 0, it adds nothing to dk, dv
+            A* s = sv.data() + g * Lw;
+            A* ds = dsv.data() + g * Lw;
+            for (int64_t j = lo; j < hi; ++j) s[j] = ds[j] = A(0);
+            continue;
+          }
+          const int32_t* vis = visv.data() + g * Lb;
+          for (int64_t k = 0; k < nvs[g]; ++k) vm[vis[k] - k0] = A(1);
+        }
+        int64_t nu = 0;  // keys some row of the group sees, block-relative
+        for (int64_t j = lo; j < hi; ++j) {
+          bool any = false;
+          for (int64_t g = 0; g < G; ++g) any |= vmv[g * Lw + j] != A(0);
+          u[nu] = static_cast<int32_t>(j);
+          nu += any;
+        }
         for (int64_t h = 0; h < H; ++h) {
-          const T* qr = q + rc * d + h * dh;
-          const T* dor = dout + rc * d + h * dh;
-          const A lse_r = lse[r * H + h];
-          tdots<T, A>(qr, scale, kvt + h * dh * ld, ld, dh, lo, hi, s);
-          tdots<T, A>(dor, A(1), kvt + (d + h * dh) * ld, ld, dh, lo, hi, ds);  // dp
-          // D = sum_j p_j dp_j from the recomputed p and dp themselves, not as <do, o>: summed
-          // in the same order as dp, it makes ds exactly 0 where one key takes all the weight
-          A D = 0;
-          for (int64_t j0 = lo; j0 < hi; j0 += kW) {
+          const T* qg[kG];
+          const T* dog[kG];
+          for (int64_t g = 0; g < kG; ++g) {
+            const int64_t r = rows[g < G ? g : 0];
+            const int64_t rc = dm.qpos ? dm.qpos[r] : r;
+            qg[g] = q + rc * d + h * dh;
+            dog[g] = dout + rc * d + h * dh;
+          }
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t r = rows[g];
+            const int64_t rc = dm.qpos ? dm.qpos[r] : r;
+            A* s = sv.data() + g * Lw;
+            A* ds = dsv.data() + g * Lw;
+            const A* vm = vmv.data() + g * Lw;
+            const int32_t* vis = visv.data() + g * Lb;
+            const A lse_r = lse[r * H + h];
+            tdots<T, A>(qg[g], scale, kvt + h * dh * ld, ld, dh, lo, hi, s);
+            tdots<T, A>(dog[g], A(1), kvt + (d + h * dh) * ld, ld, dh, lo, hi, ds);  // dp
+            // D = sum_j p_j dp_j from the recomputed p and dp themselves, not as <do, o>:
+            // summed in the same order as dp, it makes ds exactly 0 where one key takes all
+            // the weight
+            A D = 0;
+            for (int64_t j0 = lo; j0 < hi; j0 += kW) {
 #pragma omp simd reduction(+ : D)
-            for (int64_t j = j0; j < j0 + kW; ++j) {
-              const A p = vm[j] != A(0) ? vexp<A>(s[j] - lse_r) : A(0);
-              s[j] = p;
-              D += p * ds[j];
+              for (int64_t j = j0; j < j0 + kW; ++j) {
+                const A p = vm[j] != A(0) ? vexp<A>(s[j] - lse_r) : A(0);
+                s[j] = p;
+                D += p * ds[j];
+              }
             }
-          }
-          for (int64_t j0 = lo; j0 < hi; j0 += kW) {
+            for (int64_t j0 = lo; j0 < hi; j0 += kW) {
 #pragma omp simd
-            for (int64_t j = j0; j < j0 + kW; ++j) ds[j] = s[j] * (ds[j] - D);
+              for (int64_t j = j0; j < j0 + kW; ++j) ds[j] = s[j] * (ds[j] - D);
+            }
+            for (int64_t k = 0; k < nvs[g]; ++k) w[k] = ds[vis[k] - k0];
+            for (int64_t c = 0; c < dh; ++c) acc[c] = A(0);
+            axpys<T, A>(w, kv + h * dh, vis, nvs[g], 2 * d, dh, acc);
+            T* dqr = dq + rc * d + h * dh;
+            for (int64_t c = 0; c < dh; ++c) dqr[c] = static_cast<T>(acc[c] * scale);
           }
-          for (int64_t k = 0; k < nv; ++k) w[k] = ds[vis[k] - k0];
-          for (int64_t c = 0; c < dh; ++c) acc[c] = A(0);
-          axpys<T, A>(w, kv + h * dh, vis, nv, 2 * d, dh, acc);
-          for (int64_t c = 0; c < dh; ++c) dqr[h * dh + c] = static_cast<T>(acc[c] * scale);
-          for (int64_t k = 0; k < nv; ++k) {
-            T* dkr = dkv + vis[k] * 2 * d + h * dh;
+          // dk_j += scale sum_g ds_gj q_g, dv_j += sum_g p_gj do_g: one pass over each key row
+          const A *s0 = sv.data(), *s1 = s0 + Lw, *s2 = s1 + Lw, *s3 = s2 + Lw;
+          const A *e0 = dsv.data(), *e1 = e0 + Lw, *e2 = e1 + Lw, *e3 = e2 + Lw;
+          const T *q0 = qg[0], *q1 = qg[1], *q2 = qg[2], *q3 = qg[3];
+          const T *o0 = dog[0], *o1 = dog[1], *o2 = dog[2], *o3 = dog[3];
+          for (int64_t k = 0; k < nu; ++k) {
+            const int64_t j = u[k];
+            T* dkr = dkv + (k0 + j) * 2 * d + h * dh;
             T* dvr = dkr + d;
-            const A dss = ds[vis[k] - k0] * scale, p = s[vis[k] - k0];
+            const A a0 = e0[j] * scale, a1 = e1[j] * scale, a2 = e2[j] * scale, a3 = e3[j] * scale;
+            const A p0 = s0[j], p1 = s1[j], p2 = s2[j], p3 = s3[j];
 #pragma omp simd
             for (int64_t c = 0; c < dh; ++c) {
-              dkr[c] = static_cast<T>(static_cast<A>(dkr[c]) + dss * static_cast<A>(qr[c]));
-              dvr[c] = static_cast<T>(static_cast<A>(dvr[c]) + p * static_cast<A>(dor[c]));
+              dkr[c] = static_cast<T>(static_cast<A>(dkr[c]) +
+                                      (a0 * static_cast<A>(q0[c]) + a1 * static_cast<A>(q1[c]) +
+                                       a2 * static_cast<A>(q2[c]) + a3 * static_cast<A>(q3[c])));
+              dvr[c] = static_cast<T>(static_cast<A>(dvr[c]) +
+                                      (p0 * static_cast<A>(o0[c]) + p1 * static_cast<A>(o1[c]) +
+                                       p2 * static_cast<A>(o2[c]) + p3 * static_cast<A>(o3[c])));
             }
           }
         }
