@@ -24,6 +24,7 @@
 #include <cstring>
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "gca_core.h"
@@ -172,6 +173,45 @@ struct KBlock {
   typedef A V __attribute__((vector_size(kW * sizeof(A))));
 };
 
+// acc[c] = sum_k w[k] rows[vis[k] * stride + c] for c < n. With n a multiple of kW (and no
+// conversion) the sums stay in registers, four chains over the keys; axpys passes through acc
+// in memory once per four keys, every pass waiting on the previous pass's store.
+template <typename T, typename A>
+inline void weighted_rows(const A* w, const T* rows, const int32_t* vis, int64_t nv,
+                          int64_t stride, int64_t n, A* acc) {
+  if constexpr (std::is_same_v<T, A>) {
+    if (n % kW == 0) {
+      using V = typename KBlock<A>::V;
+      for (int64_t c0 = 0; c0 < n; c0 += kW) {
+        V a0 = {}, a1 = {}, a2 = {}, a3 = {};
+        const T* rc = rows + c0;
+        int64_t k = 0;
+        for (; k + 4 <= nv; k += 4) {
+          V r0, r1, r2, r3;
+          std::memcpy(&r0, rc + vis[k] * stride, sizeof(V));
+          std::memcpy(&r1, rc + vis[k + 1] * stride, sizeof(V));
+          std::memcpy(&r2, rc + vis[k + 2] * stride, sizeof(V));
+          std::memcpy(&r3, rc + vis[k + 3] * stride, sizeof(V));
+          a0 += w[k] * r0;
+          a1 += w[k + 1] * r1;
+          a2 += w[k + 2] * r2;
+          a3 += w[k + 3] * r3;
+        }
+        for (; k < nv; ++k) {
+          V r0;
+          std::memcpy(&r0, rc + vis[k] * stride, sizeof(V));
+          a0 += w[k] * r0;
+        }
+        const V r = (a0 + a1) + (a2 + a3);
+        std::memcpy(acc + c0, &r, sizeof(V));
+      }
+      return;
+    }
+  }
+  for (int64_t c = 0; c < n; ++c) acc[c] = A(0);
+  axpys<T, A>(w, rows, vis, nv, stride, n, acc);
+}
+
 // s[j] = sum_c (x[c] a) t[c * ld + j] for j in [lo, hi) (multiples of kW). Each block of kW
 // keys is summed in registers over c in four interleaved chains (summing into s in memory, one
 // pass of c after another, made every pass wait on the previous pass's store). The scores take
@@ -300,8 +340,7 @@ GCA_CPU_CLONES void attn_fwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t,
             }
           }
           for (int64_t k = 0; k < nv; ++k) w[k] = s[vis[k] - k0];
-          for (int64_t c = 0; c < dh; ++c) acc[c] = A(0);
-          axpys<T, A>(w, kv + d + h * dh, vis, nv, 2 * d, dh, acc);
+          weighted_rows<T, A>(w, kv + d + h * dh, vis, nv, 2 * d, dh, acc);
           const A inv = A(1) / l;
           for (int64_t c = 0; c < dh; ++c) orow[h * dh + c] = static_cast<T>(acc[c] * inv);
           lse[r * H + h] = mx + std::log(l);
@@ -439,8 +478,7 @@ GCA_CPU_CLONES void attn_bwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t,
               for (int64_t j = j0; j < j0 + kW; ++j) ds[j] = s[j] * (ds[j] - D);
             }
             for (int64_t k = 0; k < nvs[g]; ++k) w[k] = ds[vis[k] - k0];
-            for (int64_t c = 0; c < dh; ++c) acc[c] = A(0);
-            axpys<T, A>(w, kv + h * dh, vis, nvs[g], 2 * d, dh, acc);
+            weighted_rows<T, A>(w, kv + h * dh, vis, nvs[g], 2 * d, dh, acc);
             T* dqr = dq + rc * d + h * dh;
             for (int64_t c = 0; c < dh; ++c) dqr[c] = static_cast<T>(acc[c] * scale);
           }
