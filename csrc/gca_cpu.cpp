@@ -100,6 +100,36 @@ inline A dot(const T* a, const T* b, int64_t n) {
   return acc;
 }
 
+// The dot products of x with four rows in one pass: x is loaded once, and the four sums are
+// independent dependency chains (one dot at a time is bound by the latency of its single chain).
+template <typename T, typename A>
+inline void dot4(const T* x, const T* r0, const T* r1, const T* r2, const T* r3, int64_t n, A* out) {
+  A a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+  for (int64_t c = 0; c < n; ++c) {
+    const A xc = x[c];
+    a0 += xc * static_cast<A>(r0[c]);
+    a1 += xc * static_cast<A>(r1[c]);
+    a2 += xc * static_cast<A>(r2[c]);
+    a3 += xc * static_cast<A>(r3[c]);
+  }
+  out[0] = a0;
+  out[1] = a1;
+  out[2] = a2;
+  out[3] = a3;
+}
+
+// out[k] = <x, rows + vis[k] * stride> for k < nv (rows already offset to the head's columns).
+template <typename T, typename A>
+inline void dots(const T* x, const T* rows, const int32_t* vis, int64_t nv, int64_t stride,
+                 int64_t n, A* out) {
+  int64_t k = 0;
+  for (; k + 4 <= nv; k += 4)
+    dot4<T, A>(x, rows + vis[k] * stride, rows + vis[k + 1] * stride, rows + vis[k + 2] * stride,
+               rows + vis[k + 3] * stride, n, out + k);
+  for (; k < nv; ++k) out[k] = dot<T, A>(x, rows + vis[k] * stride, n);
+}
+
 // acc += sum_k w[k] * (rows + vis[k] * stride), four rows per pass over acc.
 template <typename T, typename A>
 inline void axpys(const A* w, const T* rows, const int32_t* vis, int64_t nv, int64_t stride,
@@ -272,7 +302,7 @@ inline void visible_range(const int32_t* vis, int64_t nv, int64_t k0, A* vm, int
 }
 
 template <typename T>
-GCA_CPU_CLONES void attn_fwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t, const at::Tensor& kpm_t,
+GCA_CPU_CLONES void attn_fwd_blocks(const at::Tensor& q_t, const at::Tensor& kv_t, const at::Tensor& kpm_t,
                    const at::Tensor& am_t, at::Tensor& o_t, at::Tensor& lse_t, const Dims& dm) {
   using A = at::opmath_type<T>;
   const int64_t La = dm.La, Lb = dm.Lb, d = dm.d, H = dm.H, dh = d / H;
@@ -351,7 +381,7 @@ GCA_CPU_CLONES void attn_fwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t,
 }
 
 template <typename T>
-GCA_CPU_CLONES void attn_bwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t, const at::Tensor& o_t,
+GCA_CPU_CLONES void attn_bwd_blocks(const at::Tensor& q_t, const at::Tensor& kv_t, const at::Tensor& o_t,
                    const at::Tensor& do_t, const at::Tensor& lse_t, const at::Tensor& kpm_t,
                    const at::Tensor& am_t, at::Tensor& dq_t, at::Tensor& dkv_t, const Dims& dm) {
   using A = at::opmath_type<T>;
@@ -507,6 +537,166 @@ GCA_CPU_CLONES void attn_bwd_impl(const at::Tensor& q_t, const at::Tensor& kv_t,
       }
     }
   }
+}
+
+// Row-at-a-time kernels (one dot product per visible key) for wide heads: with dh >= 128 the
+// per-key horizontal sum is amortised over the head, while the transposed key blocks of the
+// kernels above no longer fit in L1 (measured ~1.5x slower at dh = 128).
+template <typename T>
+GCA_CPU_CLONES void attn_fwd_rows(const at::Tensor& q_t, const at::Tensor& kv_t, const at::Tensor& kpm_t,
+                   const at::Tensor& am_t, at::Tensor& o_t, at::Tensor& lse_t, const Dims& dm) {
+  using A = at::opmath_type<T>;
+  const int64_t La = dm.La, Lb = dm.Lb, d = dm.d, H = dm.H, dh = d / H;
+  const T* q = q_t.data_ptr<T>();     // (B*La, d)
+  const T* kv = kv_t.data_ptr<T>();   // (B*Lb, 2d): k then v
+  const bool* kpm = kpm_t.defined() ? kpm_t.data_ptr<bool>() : nullptr;  // (B, Lb)
+  const bool* am = am_t.defined() ? am_t.data_ptr<bool>() : nullptr;     // (Bm, La, Lb)
+  const bool am_shared = am_t.defined() && am_t.size(0) == 1;
+  T* o = o_t.data_ptr<T>();           // (B*La, d)
+  A* lse = lse_t.data_ptr<A>();       // (B*La, H)
+  const A scale = A(1) / std::sqrt(A(dh));
+  // compact: only the stored rows (q and o row c is full row qrow[c]; lse stays full-size and
+  // the caller has set it to +inf on the other rows)
+  const int64_t N = dm.qrow ? dm.nq : dm.B * La;
+  // One task per query row (all heads share its visible-key list). Rows are independent, so
+  // the dynamic schedule (keyless rows are cheap) does not change any result.
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<int32_t> visv(Lb);
+    std::vector<A> sv(Lb), accv(dh);
+    int32_t* vis = visv.data();
+    A* s = sv.data();
+    A* acc = accv.data();
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t rc = 0; rc < N; ++rc) {
+      const int64_t r = dm.qrow ? dm.qrow[rc] : rc;
+      const int64_t b = r / La, i = r % La;
+      const bool* kpm_b = kpm ? kpm + b * Lb : nullptr;
+      const bool* am_row = am ? am + ((am_shared ? 0 : b) * La + i) * Lb : nullptr;
+      const int64_t nv = visible_keys(kpm_b, am_row, Lb, vis);
+      T* orow = o + rc * d;
+      if (nv == 0) {  // no visible key: o = 0, lse = +inf marks the row
+        for (int64_t c = 0; c < d; ++c) orow[c] = T(0);
+        for (int64_t h = 0; h < H; ++h) lse[r * H + h] = std::numeric_limits<A>::infinity();
+        continue;
+      }
+      key_rows(dm, b, nv, vis);  // now rows of kv
+      for (int64_t h = 0; h < H; ++h) {
+        const T* qr = q + rc * d + h * dh;
+        dots<T, A>(qr, kv + h * dh, vis, nv, 2 * d, dh, s);
+        A mx = -std::numeric_limits<A>::infinity();
+        for (int64_t k = 0; k < nv; ++k) {
+          const A sk = s[k] * scale;
+          s[k] = sk;
+          mx = sk > mx ? sk : mx;
+        }
+        A l = 0;
+#pragma omp simd reduction(+ : l)
+        for (int64_t k = 0; k < nv; ++k) {
+          const A e = vexp<A>(s[k] - mx);
+          s[k] = e;
+          l += e;
+        }
+        for (int64_t c = 0; c < dh; ++c) acc[c] = A(0);
+        axpys<T, A>(s, kv + d + h * dh, vis, nv, 2 * d, dh, acc);
+        const A inv = A(1) / l;
+        for (int64_t c = 0; c < dh; ++c) orow[h * dh + c] = static_cast<T>(acc[c] * inv);
+        lse[r * H + h] = mx + std::log(l);
+      }
+    }
+  }
+}
+
+template <typename T>
+GCA_CPU_CLONES void attn_bwd_rows(const at::Tensor& q_t, const at::Tensor& kv_t, const at::Tensor& o_t,
+                   const at::Tensor& do_t, const at::Tensor& lse_t, const at::Tensor& kpm_t,
+                   const at::Tensor& am_t, at::Tensor& dq_t, at::Tensor& dkv_t, const Dims& dm) {
+  using A = at::opmath_type<T>;
+  const int64_t La = dm.La, Lb = dm.Lb, d = dm.d, H = dm.H, dh = d / H;
+  const T* q = q_t.data_ptr<T>();      // (B*La, d)
+  const T* kv = kv_t.data_ptr<T>();    // (B*Lb, 2d)
+  const T* o = o_t.data_ptr<T>();      // (B*La, d)
+  const T* dout = do_t.data_ptr<T>();  // (B*La, d)
+  const A* lse = lse_t.data_ptr<A>();  // (B*La, H)
+  const bool* kpm = kpm_t.defined() ? kpm_t.data_ptr<bool>() : nullptr;
+  const bool* am = am_t.defined() ? am_t.data_ptr<bool>() : nullptr;
+  const bool am_shared = am_t.defined() && am_t.size(0) == 1;
+  T* dq = dq_t.data_ptr<T>();          // (B*La, d)
+  T* dkv = dkv_t.data_ptr<T>();        // (B*Lb, 2d), zero on entry
+  const A scale = A(1) / std::sqrt(A(dh));
+  // One task per batch row: it owns that row's dk/dv, so the sums over query rows need no
+  // atomics and always run in the same order (bit-identical whatever the thread count).
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<int32_t> visv(Lb);
+    std::vector<A> sv(Lb), dsv(Lb), accv(dh);
+    int32_t* vis = visv.data();
+    A* s = sv.data();
+    A* ds = dsv.data();
+    A* acc = accv.data();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < dm.B; ++b) {
+      const bool* kpm_b = kpm ? kpm + b * Lb : nullptr;
+      for (int64_t i = 0; i < La; ++i) {
+        const int64_t r = b * La + i;
+        const int64_t rc = dm.qpos ? dm.qpos[r] : r;  // row of q, o, dout, dq
+        if (rc < 0) continue;  // not stored: no visible key
+        T* dqr = dq + rc * d;
+        if (std::isinf(lse[r * H])) {  // no visible key (for every head): p = 0, nothing flows
+          for (int64_t c = 0; c < d; ++c) dqr[c] = T(0);
+          continue;
+        }
+        const bool* am_row = am ? am + ((am_shared ? 0 : b) * La + i) * Lb : nullptr;
+        const int64_t nv = visible_keys(kpm_b, am_row, Lb, vis);
+        key_rows(dm, b, nv, vis);  // now rows of kv and dkv (this task's: batch row b's keys)
+        for (int64_t h = 0; h < H; ++h) {
+          const T* qr = q + rc * d + h * dh;
+          const T* dor = dout + rc * d + h * dh;
+          const A lse_r = lse[r * H + h];
+          const A D = dot<T, A>(dor, o + rc * d + h * dh, dh);  // sum_j p_j dp_j
+          dots<T, A>(qr, kv + h * dh, vis, nv, 2 * d, dh, s);
+          dots<T, A>(dor, kv + d + h * dh, vis, nv, 2 * d, dh, ds);
+#pragma omp simd
+          for (int64_t k = 0; k < nv; ++k) {
+            const A p = vexp<A>(s[k] * scale - lse_r);
+            s[k] = p;
+            ds[k] = p * (ds[k] - D);
+          }
+          for (int64_t c = 0; c < dh; ++c) acc[c] = A(0);
+          axpys<T, A>(ds, kv + h * dh, vis, nv, 2 * d, dh, acc);
+          for (int64_t k = 0; k < nv; ++k) {
+            T* dkr = dkv + vis[k] * 2 * d + h * dh;
+            T* dvr = dkr + d;
+            const A dss = ds[k] * scale, p = s[k];
+#pragma omp simd
+            for (int64_t c = 0; c < dh; ++c) {
+              dkr[c] = static_cast<T>(static_cast<A>(dkr[c]) + dss * static_cast<A>(qr[c]));
+              dvr[c] = static_cast<T>(static_cast<A>(dvr[c]) + p * static_cast<A>(dor[c]));
+            }
+          }
+          for (int64_t c = 0; c < dh; ++c) dqr[h * dh + c] = static_cast<T>(acc[c] * scale);
+        }
+      }
+    }
+  }
+}
+
+// Block kernels up to kMaxBlockDh per head, row kernels above.
+constexpr int64_t kMaxBlockDh = 64;
+
+template <typename T>
+void attn_fwd_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& kpm,
+                   const at::Tensor& am, at::Tensor& o, at::Tensor& lse, const Dims& dm) {
+  if (dm.d / dm.H <= kMaxBlockDh) attn_fwd_blocks<T>(q, kv, kpm, am, o, lse, dm);
+  else attn_fwd_rows<T>(q, kv, kpm, am, o, lse, dm);
+}
+
+template <typename T>
+void attn_bwd_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& o,
+                   const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& kpm,
+                   const at::Tensor& am, at::Tensor& dq, at::Tensor& dkv, const Dims& dm) {
+  if (dm.d / dm.H <= kMaxBlockDh) attn_bwd_blocks<T>(q, kv, o, dout, lse, kpm, am, dq, dkv, dm);
+  else attn_bwd_rows<T>(q, kv, o, dout, lse, kpm, am, dq, dkv, dm);
 }
 
 template <typename A>
