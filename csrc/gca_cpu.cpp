@@ -7,8 +7,12 @@
 // bias only where a key was seen, the cosine, the gate activation, residual and LayerNorm) is
 // one pass per row; its backward, with the cosine's gradient, is one pass per row too.
 //
-// Each query row first lists the keys it sees (causal masks and left padding hide most of Lb),
-// and the score and p v loops run over that list, four keys per pass. float32 exp is a
+// Each query row first lists the keys it sees (causal masks and left padding hide most of Lb).
+// Heads up to 64 wide (attn_*_blocks): one task per batch row, whose keys and values are
+// transposed once, so the scores are loops along whole 16-key blocks summed in registers (no
+// horizontal sum per key); p v and dq sum the visible key rows in registers; the backward takes
+// query rows four at a time so each dk/dv row is updated once per group. Wider heads
+// (attn_*_rows): one dot product per visible key, four keys per pass. float32 exp is a
 // vectorisable polynomial (vexp), not the scalar libm call.
 //
 // Determinism: every output element is written by exactly one thread, and the parameter
