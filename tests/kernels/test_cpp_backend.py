@@ -312,6 +312,33 @@ def test_cosine_eager_path_matches_the_custom_op_under_compile():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("uses", ["y+cos", "y", "cos"])
+def test_gca_eager_path_matches_the_custom_op_bitwise(monkeypatch, uses):
+    # plain eager calls reach the extension through GCAEager, traced ones the custom op: same
+    # numbers, including when only one of the two outputs feeds the loss (the other's gradient
+    # arrives as None and is taken as zero)
+    p = cast_problem(make_problem(Case(3, 9, 7, 16, 2, causal="3d", full_pad_row=True)), torch.float32)
+
+    def fwd_bwd():
+        y, cos = gca_kernels.gated_cross_attention(
+            p["x_a"], p["x_b"], *p["params"][:12], ln_w=p["params"].ln_w, ln_b=p["params"].ln_b,
+            key_padding_mask=p["key_padding_mask"], attn_mask=p["attn_mask"], n_heads=p["n_heads"],
+            activation=p["activation"], need_alignment=True, backend="cpp")
+        loss = {"y+cos": (y * y).sum() + cos.sum(), "y": (y * y).sum(), "cos": cos.sum()}[uses]
+        grads = torch.autograd.grad(loss, list(p["leaves"].values()), allow_unused=True)
+        return y, cos, grads
+
+    y0, c0, g0 = fwd_bwd()
+    assert "GCAEager" in type(y0.grad_fn).__name__
+    monkeypatch.setattr(cpp_ops, "_must_use_op", lambda x, y: True)
+    y1, c1, g1 = fwd_bwd()
+    assert "GCAEager" not in type(y1.grad_fn).__name__
+    assert torch.equal(y0, y1) and torch.equal(c0, c1)
+    for name, a, b in zip(p["leaves"], g0, g1):
+        assert (a is None) == (b is None), name
+        assert a is None or torch.equal(a, b), name
+
+
 # --- argument checks of the compiled entry points (called directly, bypassing functional.py)
 
 def _raw_args(B=2, La=3, Lb=4, d=8, hid=8, dtype=torch.float32):
