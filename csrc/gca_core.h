@@ -95,7 +95,8 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
                                     const at::Tensor& w1, const at::Tensor& b1,
                                     const at::Tensor& w2, const at::Tensor& b2,
                                     const OptT& ln_w, const OptT& ln_b, const OptT& kpm,
-                                    const OptT& am, int64_t n_heads, int64_t act, double ln_eps);
+                                    const OptT& am, int64_t n_heads, int64_t act, double ln_eps,
+                                    bool zero_tails);
 
 // Returns dx_a, dx_b, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dw1, db1, dw2, db2, dln_w, dln_b
 // (the last two empty when LayerNorm is off).

@@ -987,10 +987,10 @@ std::vector<at::Tensor> gca_fwd_cpu(const at::Tensor& x_a, const at::Tensor& x_b
                                     const at::Tensor& w1, const at::Tensor& b1,
                                     const at::Tensor& w2, const at::Tensor& b2, const OptT& ln_w,
                                     const OptT& ln_b, const OptT& kpm, const OptT& am,
-                                    int64_t n_heads, int64_t act, double ln_eps) {
+                                    int64_t n_heads, int64_t act, double ln_eps, bool zero_tails) {
   return gca_forward(kCpuKernels, "gca_fwd (cpp)", c10::DeviceType::CPU, kCpuDtypes, x_a, x_b,
                      wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b, kpm, am, n_heads,
-                     act, ln_eps);
+                     act, ln_eps, zero_tails);
 }
 
 std::vector<at::Tensor> gca_bwd_cpu(

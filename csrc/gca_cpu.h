@@ -13,7 +13,7 @@ std::vector<at::Tensor> gca_fwd_cpu(const at::Tensor& x_a, const at::Tensor& x_b
                                     const at::Tensor& w1, const at::Tensor& b1,
                                     const at::Tensor& w2, const at::Tensor& b2, const OptT& ln_w,
                                     const OptT& ln_b, const OptT& kpm, const OptT& am,
-                                    int64_t n_heads, int64_t act, double ln_eps);
+                                    int64_t n_heads, int64_t act, double ln_eps, bool zero_tails);
 
 std::vector<at::Tensor> gca_bwd_cpu(
     const at::Tensor& dy, const at::Tensor& dcos, const at::Tensor& x_a, const at::Tensor& x_b,

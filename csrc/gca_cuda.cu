@@ -436,12 +436,12 @@ std::vector<at::Tensor> gca_fwd_cuda(const at::Tensor& x_a, const at::Tensor& x_
                                      const at::Tensor& w1, const at::Tensor& b1,
                                      const at::Tensor& w2, const at::Tensor& b2, const OptT& ln_w,
                                      const OptT& ln_b, const OptT& kpm, const OptT& am,
-                                     int64_t n_heads, int64_t act, double ln_eps) {
+                                     int64_t n_heads, int64_t act, double ln_eps, bool zero_tails) {
   TORCH_CHECK(x_a.is_cuda(), "gca_fwd (cuda): x_a must be a CUDA tensor, got one on ", x_a.device());
   const c10::cuda::CUDAGuard guard(x_a.device());
   return gca_forward(kCudaKernels, "gca_fwd (cuda)", c10::DeviceType::CUDA, kCudaDtypes, x_a,
                      x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b, kpm, am,
-                     n_heads, act, ln_eps);
+                     n_heads, act, ln_eps, zero_tails);
 }
 
 std::vector<at::Tensor> gca_bwd_cuda(

@@ -76,8 +76,10 @@ def _define_ops(prefix: str, ext):
                 w2: Tensor, b2: Tensor, ln_w: Optional[Tensor], ln_b: Optional[Tensor],
                 key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], n_heads: int,
                 activation: int, ln_eps: float) -> List[Tensor]:
+        # zero_tails: the unused rows of the saved intermediates are zeroed (op outputs must be
+        # deterministic)
         return ext.gca_fwd(x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b,
-                           key_padding_mask, attn_mask, n_heads, activation, ln_eps)
+                           key_padding_mask, attn_mask, n_heads, activation, ln_eps, True)
 
     @gca_fwd.register_fake
     def _(x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b,
@@ -157,8 +159,10 @@ def _define_ops(prefix: str, ext):
         @staticmethod
         def forward(ctx, x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b,
                     kpm, am, n_heads, activation, ln_eps):
+            # the saved intermediates stay inside this Function: their unused rows (never read
+            # by the backward) are left unwritten
             out = ext.gca_fwd(x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w,
-                              ln_b, kpm, am, n_heads, activation, ln_eps)
+                              ln_b, kpm, am, n_heads, activation, ln_eps, False)
             ctx.set_materialize_grads(False)
             ctx.meta = (n_heads, activation, ln_eps)
             ctx.has_ln = ln_w is not None

@@ -344,7 +344,7 @@ def test_gca_eager_path_matches_the_custom_op_bitwise(monkeypatch, uses):
 def _raw_args(B=2, La=3, Lb=4, d=8, hid=8, dtype=torch.float32):
     t = lambda *s: torch.randn(*s, dtype=dtype)  # noqa: E731
     return [t(B, La, d), t(B, Lb, d), t(d, d), t(d), t(d, d), t(d), t(d, d), t(d), t(d, d), t(d),
-            t(hid, 2 * d), t(hid), t(d, hid), t(d), t(d), t(d), None, None, 2, 0, 1e-5]
+            t(hid, 2 * d), t(hid), t(d, hid), t(d), t(d), t(d), None, None, 2, 0, 1e-5, True]
 
 
 @pytest.mark.parametrize("mutate, message", [
