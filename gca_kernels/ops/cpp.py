@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from gca_kernels.backends import GCAParams, register_backend
+from gca_kernels.ops import output_grads
 
 _ACTIVATION_CODE = {"sigmoid": 0, "tanh": 1}
 _HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the gca_kernels package
@@ -139,9 +140,7 @@ def _define_ops(prefix: str, ext):
             kpm, extra = extra[0], extra[1:]
         if ctx.has_am:
             am = extra[0]
-        x_a = base[0]
-        dy = grads[0] if grads[0] is not None else torch.zeros(x_a.shape, dtype=x_a.dtype, device=x_a.device)
-        dcos = grads[1] if grads[1] is not None else torch.zeros(x_a.shape[:2], dtype=x_a.dtype, device=x_a.device)
+        dy, dcos = output_grads(base[0], grads[0], grads[1])
         out = gca_bwd(dy.contiguous(), dcos.contiguous(), *base, ln_w, ln_b, kpm, am, *stats, *ctx.meta)
         dln_w, dln_b = (out[14], out[15]) if ctx.has_ln else (None, None)
         return (*out[:14], dln_w, dln_b, None, None, None, None, None)
@@ -174,11 +173,7 @@ def _define_ops(prefix: str, ext):
         @torch.autograd.function.once_differentiable  # the backward itself is not differentiable
         def backward(ctx, dy, dcos):
             saved = ctx.saved_tensors
-            x_a = saved[0]
-            if dy is None:
-                dy = torch.zeros_like(x_a)
-            if dcos is None:
-                dcos = x_a.new_zeros(x_a.shape[:2])
+            dy, dcos = output_grads(saved[0], dy, dcos)
             out = ext.gca_bwd(dy.contiguous(), dcos.contiguous(), *saved, *ctx.meta)
             dln_w, dln_b = (out[14], out[15]) if ctx.has_ln else (None, None)
             return (*out[:14], dln_w, dln_b, None, None, None, None, None)

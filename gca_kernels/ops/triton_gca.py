@@ -75,6 +75,7 @@ import triton.language as tl
 from torch import Tensor
 
 from gca_kernels.backends import GCAParams, register_backend
+from gca_kernels.ops import output_grads
 from gca_kernels.ops.triton_cosine import (
     _row_cos,
     _row_cos_grad,
@@ -755,12 +756,7 @@ def _gca_setup_context(ctx, inputs, output):
 
 def _gca_backward(ctx, dy, dcos, *_unused):
     saved = ctx.saved_tensors
-    x_a = saved[0]
-    # y or cos may not take part in the loss: a missing gradient is a zero one
-    if dy is None:
-        dy = torch.zeros_like(x_a)
-    if dcos is None:
-        dcos = x_a.new_zeros(x_a.shape[:2])
+    dy, dcos = output_grads(saved[0], dy, dcos)
     g = triton_gca_bwd(dy, dcos, *saved, ctx.n_heads, ctx.activation, ctx.ln_eps)
     dln_w, dln_b = (g[14], g[15]) if ctx.has_ln else (None, None)
     return (*g[:14], dln_w, dln_b, None, None, None, None, None)
