@@ -15,8 +15,8 @@ import time
 import torch
 
 import gca_kernels
-from benchmarks.harness import (CPU_SHAPES, cosine_reference, fixed_upstream_gradient, gca_call, make_inputs,
-                                peak_memory_bytes, reference_forward)
+from benchmarks.harness import (CPU_SHAPES, cosine_reference, forward_backward, gca_call,
+                                make_inputs, peak_memory_bytes, reference_forward)
 
 
 def workload(op, pas, shape, fn):
@@ -32,14 +32,7 @@ def workload(op, pas, shape, fn):
                 return fn(*args)
         return run
 
-    grad_out = []  # drawn on the first call, outside the timed rounds
-
-    def run():
-        out = fn(*args)
-        if not grad_out:
-            grad_out.append(fixed_upstream_gradient(out))
-        return torch.autograd.grad(out, grad_leaves, grad_out[0])
-    return run
+    return forward_backward(fn, args, grad_leaves)
 
 
 def impls(op, heads, skip_compile):

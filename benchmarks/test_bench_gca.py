@@ -18,7 +18,7 @@ import torch
 import gca_kernels
 from benchmarks.harness import (
     BASELINES, CPU_SHAPES, GPU_BF16_SHAPES, GPU_SHAPES, TABLE, Shape, cosine_reference,
-    fixed_upstream_gradient, gca_call, make_inputs, median_seconds, peak_memory_bytes,
+    forward_backward, gca_call, make_inputs, median_seconds, peak_memory_bytes,
     reference_forward,
 )
 
@@ -96,14 +96,7 @@ def _workload(op: str, pas: str, device: str, dtype, shape: Shape, impl: str):
                 return fn(*args)
         return run
 
-    grad_out = []  # drawn on the first (warm-up) call, reused by the timed ones
-
-    def run():
-        out = fn(*args)
-        if not grad_out:
-            grad_out.append(fixed_upstream_gradient(out))
-        return torch.autograd.grad(out, grad_leaves, grad_out[0])
-    return run
+    return forward_backward(fn, args, grad_leaves)
 
 
 @pytest.mark.parametrize("op, pas, device, dtype, shape, impl", _cases())

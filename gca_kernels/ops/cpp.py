@@ -151,8 +151,8 @@ def _define_ops(prefix: str, ext):
         """gca_fwd / gca_bwd calling the extension directly: eager mode only (see CosEager).
 
         The custom op's Python machinery (schema checks of 21 arguments, the registered autograd
-        wrapper, a second op for the backward) costs about 0.5 ms per forward + backward, and the
-        reference cycles it leaves feed Python's garbage collector: ~3% at (256, 50, 64).
+        wrapper, a second op for the backward) cost about 0.5 ms per forward + backward at
+        (256, 50, 64), measured against this path.
         """
 
         @staticmethod
