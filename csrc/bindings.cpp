@@ -12,4 +12,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "GCA backward: gradients of x_a, x_b, the 12 weights/biases and ln_w/ln_b");
   m.def("cos_fwd", &gca::cos_fwd_cpu, "cosine alignment forward (0-dim)");
   m.def("cos_bwd", &gca::cos_bwd_cpu, "cosine alignment backward: (dx, dy)");
+  m.def("workspace_bytes", &gca::workspace_bytes,
+        "bytes of scratch memory the calling thread keeps between calls");
+  m.def("release_workspace", &gca::release_workspace, "free the calling thread's scratch memory");
 }

@@ -55,18 +55,21 @@ struct GCAKernels {
   // In place xp = has_key ? xp + bo : 0, and cos(x_a, x').
   void (*xprime_fwd)(at::Tensor& xp, const at::Tensor& bo, const at::Tensor& lse,
                      const at::Tensor& xa, at::Tensor& cos, const Dims& dm);
-  // In place g = act(g_pre); y = LN(x_a + g * x') (or the sum); mean/rstd when LN is on.
+  // In place g = act(g + b2) (g holds h W2^T on entry); y = LN(x_a + g * x') (or the sum);
+  // mean/rstd when LN is on.
   void (*gate_out_fwd)(const at::Tensor& xa, const at::Tensor& xp, at::Tensor& g,
-                       const at::Tensor& ln_w, const at::Tensor& ln_b, at::Tensor& y,
+                       const at::Tensor& b2, const at::Tensor& ln_w, const at::Tensor& ln_b, at::Tensor& y,
                        at::Tensor& mean, at::Tensor& rstd, int64_t act, double ln_eps,
                        const Dims& dm);
-  // Backward of gate_out_fwd and of the cosine: dg_pre, dxp, dxa (N, d); dln_w/dln_b (d).
+  // Backward of gate_out_fwd and of the cosine: dg_pre, dxp, dxa (N, d); db2 = the column sums
+  // of dg_pre, dln_w/dln_b (d).
   void (*gate_out_bwd)(const at::Tensor& dy, const at::Tensor& dcos, const at::Tensor& xa,
                        const at::Tensor& xp, const at::Tensor& g, const at::Tensor& ln_w,
                        const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& dg_pre,
-                       at::Tensor& dxp, at::Tensor& dxa, at::Tensor& dln_w, at::Tensor& dln_b,
+                       at::Tensor& db2, at::Tensor& dxp, at::Tensor& dxa, at::Tensor& dln_w, at::Tensor& dln_b,
                        int64_t act, const Dims& dm);
-  // dq (N, d) and dkv (M, 2d, zero on entry) from do (N, d), recomputing p from lse.
+  // dq (N, d) and dkv (M, 2d) from do (N, d), recomputing p from lse. The CUDA kernel adds
+  // into dkv (zeros on entry); the CPU kernel zeroes each batch row's block itself.
   void (*attn_bwd)(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& o,
                    const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& kpm,
                    const at::Tensor& am, at::Tensor& dq, at::Tensor& dkv, const Dims& dm);
@@ -116,6 +119,11 @@ std::vector<at::Tensor> gca_backward(
 int64_t check_cos_args(const char* fn, c10::DeviceType dev,
                        const std::vector<at::ScalarType>& dtypes, const at::Tensor& x,
                        const at::Tensor& y, const OptT& mask);
+
+// The calling thread's scratch memory for the CPU temporaries (kept between calls): its size in
+// bytes, and a call that frees it.
+int64_t workspace_bytes();
+void release_workspace();
 
 // Accumulation dtype of the saved row statistics.
 inline at::ScalarType acc_dtype(at::ScalarType t) {

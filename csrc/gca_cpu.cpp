@@ -402,9 +402,9 @@ GCA_CPU_CLONES void attn_bwd_blocks(const at::Tensor& q_t, const at::Tensor& kv_
   const bool* am = am_t.defined() ? am_t.data_ptr<bool>() : nullptr;
   const bool am_shared = am_t.defined() && am_t.size(0) == 1;
   T* dq = dq_t.data_ptr<T>();          // (B*La, d)
-  T* dkv = dkv_t.data_ptr<T>();        // (B*Lb, 2d), zero on entry
+  T* dkv = dkv_t.data_ptr<T>();        // (B*Lb, 2d), every row written here
   const A scale = A(1) / std::sqrt(A(dh));
-  // One task per batch row: it owns that row's dk/dv (zero on entry), so the sums over query
+  // One task per batch row: it owns that row's dk/dv, so the sums over query
   // rows need no atomics and always run in the same order (bit-identical whatever the thread
   // count). Its keys and values are transposed once for the score loops of all its rows, and
   // its query rows go kG at a time, so that each dk/dv row is read and written once per group
@@ -422,6 +422,9 @@ GCA_CPU_CLONES void attn_bwd_blocks(const at::Tensor& q_t, const at::Tensor& kv_
     for (int64_t b = 0; b < dm.B; ++b) {
       int64_t k0, nk;
       key_block(dm, b, k0, nk);
+      // this task's dk/dv block starts at zero (zeroed here, where it is about to be used
+      // and stays in cache, rather than in a separate pass over all of dkv)
+      std::memset(dkv + k0 * 2 * d, 0, static_cast<size_t>(nk * 2 * d) * sizeof(T));
       if (nk == 0) {  // no stored key: only keyless query rows (dq = 0)
         for (int64_t i = 0; i < La; ++i) {
           const int64_t r = b * La + i;
@@ -629,59 +632,122 @@ GCA_CPU_CLONES void attn_bwd_rows(const at::Tensor& q_t, const at::Tensor& kv_t,
   const bool* am = am_t.defined() ? am_t.data_ptr<bool>() : nullptr;
   const bool am_shared = am_t.defined() && am_t.size(0) == 1;
   T* dq = dq_t.data_ptr<T>();          // (B*La, d)
-  T* dkv = dkv_t.data_ptr<T>();        // (B*Lb, 2d), zero on entry
+  T* dkv = dkv_t.data_ptr<T>();        // (B*Lb, 2d), every row written here
   const A scale = A(1) / std::sqrt(A(dh));
   // One task per batch row: it owns that row's dk/dv, so the sums over query rows need no
-  // atomics and always run in the same order (bit-identical whatever the thread count).
+  // atomics and always run in the same order (bit-identical whatever the thread count). Query
+  // rows go kG at a time, as in attn_bwd_blocks: each dk/dv row (2 dh values) is read and
+  // written once per group, not once per query row that sees it (at dh = 128 those updates
+  // were most of this kernel's memory traffic).
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    std::vector<int32_t> visv(Lb);
+    std::vector<int32_t> visv(kG * Lb), uv(Lb);
     std::vector<A> sv(Lb), dsv(Lb), accv(dh);
-    int32_t* vis = visv.data();
+    // per group row, over the batch row's key block: p and scale * ds, 0 where it sees no key
+    std::vector<A> pgv(kG * Lb), dsgv(kG * Lb);
+    std::vector<uint8_t> seenv(Lb, 0);
     A* s = sv.data();
     A* ds = dsv.data();
     A* acc = accv.data();
+    int32_t* u = uv.data();
+    uint8_t* seen = seenv.data();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < dm.B; ++b) {
+      int64_t k0, nk;
+      key_block(dm, b, k0, nk);
+      std::memset(dkv + k0 * 2 * d, 0, static_cast<size_t>(nk * 2 * d) * sizeof(T));  // as above
       const bool* kpm_b = kpm ? kpm + b * Lb : nullptr;
-      for (int64_t i = 0; i < La; ++i) {
-        const int64_t r = b * La + i;
-        const int64_t rc = dm.qpos ? dm.qpos[r] : r;  // row of q, o, dout, dq
-        if (rc < 0) continue;  // not stored: no visible key
-        T* dqr = dq + rc * d;
-        if (std::isinf(lse[r * H])) {  // no visible key (for every head): p = 0, nothing flows
-          for (int64_t c = 0; c < d; ++c) dqr[c] = T(0);
-          continue;
-        }
-        const bool* am_row = am ? am + ((am_shared ? 0 : b) * La + i) * Lb : nullptr;
-        const int64_t nv = visible_keys(kpm_b, am_row, Lb, vis);
-        key_rows(dm, b, nv, vis);  // now rows of kv and dkv (this task's: batch row b's keys)
-        for (int64_t h = 0; h < H; ++h) {
-          const T* qr = q + rc * d + h * dh;
-          const T* dor = dout + rc * d + h * dh;
-          const A lse_r = lse[r * H + h];
-          const A D = dot<T, A>(dor, o + rc * d + h * dh, dh);  // sum_j p_j dp_j
-          dots<T, A>(qr, kv + h * dh, vis, nv, 2 * d, dh, s);
-          dots<T, A>(dor, kv + d + h * dh, vis, nv, 2 * d, dh, ds);
-#pragma omp simd
-          for (int64_t k = 0; k < nv; ++k) {
-            const A p = vexp<A>(s[k] * scale - lse_r);
-            s[k] = p;
-            ds[k] = p * (ds[k] - D);
+      int64_t rows[kG], nvs[kG];
+      int64_t i = 0;
+      while (i < La) {
+        // the next kG query rows of b with a visible key
+        int64_t G = 0;
+        for (; i < La && G < kG; ++i) {
+          const int64_t r = b * La + i;
+          const int64_t rc = dm.qpos ? dm.qpos[r] : r;  // row of q, o, dout, dq
+          if (rc < 0) continue;  // not stored: no visible key
+          if (std::isinf(lse[r * H])) {  // no visible key (for every head): p = 0, nothing flows
+            for (int64_t c = 0; c < d; ++c) dq[rc * d + c] = T(0);
+            continue;
           }
-          for (int64_t c = 0; c < dh; ++c) acc[c] = A(0);
-          axpys<T, A>(ds, kv + h * dh, vis, nv, 2 * d, dh, acc);
-          for (int64_t k = 0; k < nv; ++k) {
-            T* dkr = dkv + vis[k] * 2 * d + h * dh;
-            T* dvr = dkr + d;
-            const A dss = ds[k] * scale, p = s[k];
+          const bool* am_row = am ? am + ((am_shared ? 0 : b) * La + i) * Lb : nullptr;
+          int32_t* vis = visv.data() + G * Lb;
+          nvs[G] = visible_keys(kpm_b, am_row, Lb, vis);
+          key_rows(dm, b, nvs[G], vis);  // now rows of kv and dkv (this task's key block)
+          rows[G++] = r;
+        }
+        if (G == 0) continue;
+        // u: the key positions (block-relative) some row of the group sees, ascending
+        int64_t nu = 0, lo = nk, hi = 0;
+        for (int64_t g = 0; g < G; ++g) {
+          const int32_t* vis = visv.data() + g * Lb;
+          lo = std::min<int64_t>(lo, vis[0] - k0);
+          hi = std::max<int64_t>(hi, vis[nvs[g] - 1] - k0 + 1);
+          for (int64_t k = 0; k < nvs[g]; ++k) seen[vis[k] - k0] = 1;
+        }
+        for (int64_t j = lo; j < hi; ++j) {
+          u[nu] = static_cast<int32_t>(j);
+          nu += seen[j];
+          seen[j] = 0;
+        }
+        for (int64_t g = 0; g < kG; ++g)  // rows past G keep 0: they add nothing to dk, dv
+          for (int64_t k = 0; k < nu; ++k) pgv[g * Lb + u[k]] = dsgv[g * Lb + u[k]] = A(0);
+        for (int64_t h = 0; h < H; ++h) {
+          const T* qg[kG];
+          const T* dog[kG];
+          for (int64_t g = 0; g < kG; ++g) {
+            const int64_t r = rows[g < G ? g : 0];
+            const int64_t rc = dm.qpos ? dm.qpos[r] : r;
+            qg[g] = q + rc * d + h * dh;
+            dog[g] = dout + rc * d + h * dh;
+          }
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t r = rows[g];
+            const int64_t rc = dm.qpos ? dm.qpos[r] : r;
+            const int32_t* vis = visv.data() + g * Lb;
+            const int64_t nv = nvs[g];
+            const A lse_r = lse[r * H + h];
+            const A D = dot<T, A>(dog[g], o + rc * d + h * dh, dh);  // sum_j p_j dp_j
+            dots<T, A>(qg[g], kv + h * dh, vis, nv, 2 * d, dh, s);
+            dots<T, A>(dog[g], kv + d + h * dh, vis, nv, 2 * d, dh, ds);
 #pragma omp simd
-            for (int64_t c = 0; c < dh; ++c) {
-              dkr[c] = static_cast<T>(static_cast<A>(dkr[c]) + dss * static_cast<A>(qr[c]));
-              dvr[c] = static_cast<T>(static_cast<A>(dvr[c]) + p * static_cast<A>(dor[c]));
+            for (int64_t k = 0; k < nv; ++k) {
+              const A p = vexp<A>(s[k] * scale - lse_r);
+              s[k] = p;
+              ds[k] = p * (ds[k] - D);
+            }
+            for (int64_t c = 0; c < dh; ++c) acc[c] = A(0);
+            axpys<T, A>(ds, kv + h * dh, vis, nv, 2 * d, dh, acc);
+            T* dqr = dq + rc * d + h * dh;
+            for (int64_t c = 0; c < dh; ++c) dqr[c] = static_cast<T>(acc[c] * scale);
+            A* pg = pgv.data() + g * Lb;
+            A* dsg = dsgv.data() + g * Lb;
+            for (int64_t k = 0; k < nv; ++k) {
+              pg[vis[k] - k0] = s[k];
+              dsg[vis[k] - k0] = ds[k] * scale;
             }
           }
-          for (int64_t c = 0; c < dh; ++c) dqr[h * dh + c] = static_cast<T>(acc[c] * scale);
+          // dk_j += sum_g scale ds_gj q_g, dv_j += sum_g p_gj do_g: one pass over each key row
+          const A *p0 = pgv.data(), *p1 = p0 + Lb, *p2 = p1 + Lb, *p3 = p2 + Lb;
+          const A *e0 = dsgv.data(), *e1 = e0 + Lb, *e2 = e1 + Lb, *e3 = e2 + Lb;
+          const T *q0 = qg[0], *q1 = qg[1], *q2 = qg[2], *q3 = qg[3];
+          const T *o0 = dog[0], *o1 = dog[1], *o2 = dog[2], *o3 = dog[3];
+          for (int64_t k = 0; k < nu; ++k) {
+            const int64_t j = u[k];
+            T* dkr = dkv + (k0 + j) * 2 * d + h * dh;
+            T* dvr = dkr + d;
+            const A a0 = e0[j], a1 = e1[j], a2 = e2[j], a3 = e3[j];
+            const A b0 = p0[j], b1 = p1[j], b2 = p2[j], b3 = p3[j];
+#pragma omp simd
+            for (int64_t c = 0; c < dh; ++c) {
+              dkr[c] = static_cast<T>(static_cast<A>(dkr[c]) +
+                                      (a0 * static_cast<A>(q0[c]) + a1 * static_cast<A>(q1[c]) +
+                                       a2 * static_cast<A>(q2[c]) + a3 * static_cast<A>(q3[c])));
+              dvr[c] = static_cast<T>(static_cast<A>(dvr[c]) +
+                                      (b0 * static_cast<A>(o0[c]) + b1 * static_cast<A>(o1[c]) +
+                                       b2 * static_cast<A>(o2[c]) + b3 * static_cast<A>(o3[c])));
+            }
+          }
         }
       }
     }
@@ -754,14 +820,15 @@ GCA_CPU_CLONES void xprime_fwd_impl(at::Tensor& xp_t, const at::Tensor& bo_t, co
 
 template <typename T>
 GCA_CPU_CLONES void gate_out_fwd_impl(const at::Tensor& xa_t, const at::Tensor& xp_t, at::Tensor& g_t,
-                       const at::Tensor& lnw_t, const at::Tensor& lnb_t, at::Tensor& y_t,
+                       const at::Tensor& b2_t, const at::Tensor& lnw_t, const at::Tensor& lnb_t, at::Tensor& y_t,
                        at::Tensor& mean_t, at::Tensor& rstd_t, int64_t act, double eps,
                        const Dims& dm) {
   using A = at::opmath_type<T>;
   const int64_t N = dm.B * dm.La, d = dm.d;
   const T* xa = xa_t.data_ptr<T>();   // (N, d)
   const T* xp = xp_t.data_ptr<T>();   // (N, d)
-  T* g = g_t.data_ptr<T>();           // (N, d): gate pre-activation in, gate out
+  T* g = g_t.data_ptr<T>();           // (N, d): h W2^T in, gate out
+  const T* b2 = b2_t.data_ptr<T>();   // (d): added here, not by the product (one pass less)
   const bool ln = lnw_t.defined();
   const T* lnw = ln ? lnw_t.data_ptr<T>() : nullptr;  // (d)
   const T* lnb = ln ? lnb_t.data_ptr<T>() : nullptr;  // (d)
@@ -788,7 +855,8 @@ GCA_CPU_CLONES void gate_out_fwd_impl(const at::Tensor& xa_t, const at::Tensor& 
         const T* pr = xp + rc * d;
 #pragma omp simd reduction(+ : sum)
         for (int64_t c = 0; c < d; ++c) {
-          const T gv = static_cast<T>(A(1) / (A(1) + vexp<A>(-static_cast<A>(gr[c]))));
+          const A pre = static_cast<A>(static_cast<T>(static_cast<A>(gr[c]) + static_cast<A>(b2[c])));
+          const T gv = static_cast<T>(A(1) / (A(1) + vexp<A>(-pre)));
           gr[c] = gv;
           const A zc = static_cast<A>(ar[c]) + static_cast<A>(gv) * static_cast<A>(pr[c]);
           zp[c] = zc;
@@ -798,7 +866,8 @@ GCA_CPU_CLONES void gate_out_fwd_impl(const at::Tensor& xa_t, const at::Tensor& 
         T* gr = g + rc * d;
         const T* pr = xp + rc * d;
         for (int64_t c = 0; c < d; ++c) {
-          const T gv = static_cast<T>(std::tanh(static_cast<A>(gr[c])));
+          const A pre = static_cast<A>(static_cast<T>(static_cast<A>(gr[c]) + static_cast<A>(b2[c])));
+          const T gv = static_cast<T>(std::tanh(pre));
           gr[c] = gv;
           const A zc = static_cast<A>(ar[c]) + static_cast<A>(gv) * static_cast<A>(pr[c]);
           zp[c] = zc;
@@ -827,7 +896,7 @@ template <typename T>
 GCA_CPU_CLONES void gate_out_bwd_impl(const at::Tensor& dy_t, const at::Tensor& dcos_t, const at::Tensor& xa_t,
                        const at::Tensor& xp_t, const at::Tensor& g_t, const at::Tensor& lnw_t,
                        const at::Tensor& mean_t, const at::Tensor& rstd_t, at::Tensor& dgp_t,
-                       at::Tensor& dxp_t, at::Tensor& dxa_t, at::Tensor& dlnw_t,
+                       at::Tensor& db2_t, at::Tensor& dxp_t, at::Tensor& dxa_t, at::Tensor& dlnw_t,
                        at::Tensor& dlnb_t, int64_t act, const Dims& dm) {
   using A = at::opmath_type<T>;
   const int64_t N = dm.B * dm.La, d = dm.d;
@@ -844,8 +913,9 @@ GCA_CPU_CLONES void gate_out_bwd_impl(const at::Tensor& dy_t, const at::Tensor& 
   T* dxp = dxp_t.data_ptr<T>();          // (N, d)
   T* dxa = dxa_t.data_ptr<T>();          // (N, d)
   const int64_t nchunks = (N + kRowsPerChunk - 1) / kRowsPerChunk;
-  // per-chunk partial sums of dy * zhat and dy (LayerNorm weight and bias gradients)
-  std::vector<A> part(ln ? nchunks * 2 * d : 0);
+  // per-chunk partial sums of dy * zhat and dy (LayerNorm weight and bias gradients) and of
+  // dg_pre (b2's gradient: summed here, while each row is in registers, not in another pass)
+  std::vector<A> part(nchunks * 3 * d);
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<A> zh(d), dz(d);
@@ -853,9 +923,10 @@ GCA_CPU_CLONES void gate_out_bwd_impl(const at::Tensor& dy_t, const at::Tensor& 
     A* dzp = dz.data();
 #pragma omp for schedule(static)
     for (int64_t ch = 0; ch < nchunks; ++ch) {
-      A* pw = ln ? part.data() + ch * 2 * d : nullptr;
-      A* pb = ln ? pw + d : nullptr;
-      if (ln) std::fill(pw, pw + 2 * d, A(0));
+      A* pg = part.data() + ch * 3 * d;
+      A* pw = ln ? pg + d : nullptr;
+      A* pb = ln ? pg + 2 * d : nullptr;
+      std::fill(pg, pg + 3 * d, A(0));
       const int64_t r_end = std::min(N, (ch + 1) * kRowsPerChunk);
       for (int64_t r = ch * kRowsPerChunk; r < r_end; ++r) {
         const int64_t rc = dm.qpos ? dm.qpos[r] : r;  // row of xp, g, dg_pre, dxp
@@ -919,24 +990,30 @@ GCA_CPU_CLONES void gate_out_bwd_impl(const at::Tensor& dy_t, const at::Tensor& 
         for (int64_t c = 0; c < d; ++c) {
           const A a = ar[c], bv = pr[c], gv = gr[c], dzc = dzp[c];
           const A dact = act == kSigmoid ? gv * (A(1) - gv) : A(1) - gv * gv;
-          dgr[c] = static_cast<T>(dzc * bv * dact);
+          const T dgc = static_cast<T>(dzc * bv * dact);
+          dgr[c] = dgc;
+          pg[c] += static_cast<A>(dgc);
           dxpr[c] = static_cast<T>(dzc * gv + dc * (a * inv_den - cb * bv));
           dxar[c] = static_cast<T>(dzc + dc * (bv * inv_den - ca * a));
         }
       }
     }
   }
-  if (!ln) return;
-  T* dlnw = dlnw_t.data_ptr<T>();
-  T* dlnb = dlnb_t.data_ptr<T>();
+  T* db2 = db2_t.data_ptr<T>();
+  T* dlnw = ln ? dlnw_t.data_ptr<T>() : nullptr;
+  T* dlnb = ln ? dlnb_t.data_ptr<T>() : nullptr;
   for (int64_t c = 0; c < d; ++c) {
-    A sw = 0, sb = 0;
+    A sg = 0, sw = 0, sb = 0;
     for (int64_t ch = 0; ch < nchunks; ++ch) {  // chunk order: deterministic
-      sw += part[ch * 2 * d + c];
-      sb += part[ch * 2 * d + d + c];
+      sg += part[ch * 3 * d + c];
+      sw += part[ch * 3 * d + d + c];
+      sb += part[ch * 3 * d + 2 * d + c];
     }
-    dlnw[c] = static_cast<T>(sw);
-    dlnb[c] = static_cast<T>(sb);
+    db2[c] = static_cast<T>(sg);
+    if (ln) {
+      dlnw[c] = static_cast<T>(sw);
+      dlnb[c] = static_cast<T>(sb);
+    }
   }
 }
 
@@ -952,19 +1029,20 @@ void xprime_fwd_cpu(at::Tensor& xp, const at::Tensor& bo, const at::Tensor& lse,
   GCA_CPU_DISPATCH(xp, "gca_xprime_fwd_cpu", xprime_fwd_impl<scalar_t>(xp, bo, lse, xa, cos, dm));
 }
 void gate_out_fwd_cpu(const at::Tensor& xa, const at::Tensor& xp, at::Tensor& g,
-                      const at::Tensor& ln_w, const at::Tensor& ln_b, at::Tensor& y,
-                      at::Tensor& mean, at::Tensor& rstd, int64_t act, double eps, const Dims& dm) {
+                      const at::Tensor& b2, const at::Tensor& ln_w, const at::Tensor& ln_b,
+                      at::Tensor& y, at::Tensor& mean, at::Tensor& rstd, int64_t act, double eps,
+                      const Dims& dm) {
   GCA_CPU_DISPATCH(xa, "gca_gate_out_fwd_cpu",
-                   gate_out_fwd_impl<scalar_t>(xa, xp, g, ln_w, ln_b, y, mean, rstd, act, eps, dm));
+                   gate_out_fwd_impl<scalar_t>(xa, xp, g, b2, ln_w, ln_b, y, mean, rstd, act, eps, dm));
 }
 void gate_out_bwd_cpu(const at::Tensor& dy, const at::Tensor& dcos, const at::Tensor& xa,
                       const at::Tensor& xp, const at::Tensor& g, const at::Tensor& ln_w,
                       const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& dgp,
-                      at::Tensor& dxp, at::Tensor& dxa, at::Tensor& dlnw, at::Tensor& dlnb,
-                      int64_t act, const Dims& dm) {
+                      at::Tensor& db2, at::Tensor& dxp, at::Tensor& dxa, at::Tensor& dlnw,
+                      at::Tensor& dlnb, int64_t act, const Dims& dm) {
   GCA_CPU_DISPATCH(xa, "gca_gate_out_bwd_cpu",
-                   gate_out_bwd_impl<scalar_t>(dy, dcos, xa, xp, g, ln_w, mean, rstd, dgp, dxp,
-                                               dxa, dlnw, dlnb, act, dm));
+                   gate_out_bwd_impl<scalar_t>(dy, dcos, xa, xp, g, ln_w, mean, rstd, dgp, db2,
+                                               dxp, dxa, dlnw, dlnb, act, dm));
 }
 void attn_bwd_cpu(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& o,
                   const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& kpm,

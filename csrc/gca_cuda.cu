@@ -112,7 +112,8 @@ __device__ __forceinline__ A activate(A x, int64_t act) {
 
 template <typename T, typename A>
 __global__ void gate_out_fwd_kernel(const T* __restrict__ xa, const T* __restrict__ xp,  // (N, d)
-                                    T* __restrict__ g,                 // (N, d): pre in, gate out
+                                    T* __restrict__ g,                 // (N, d): h W2^T in, gate out
+                                    const T* __restrict__ b2,          // (d)
                                     const T* __restrict__ lnw, const T* __restrict__ lnb,  // (d)
                                     T* __restrict__ y,                 // (N, d)
                                     A* __restrict__ mean, A* __restrict__ rstd,  // (N)
@@ -126,7 +127,8 @@ __global__ void gate_out_fwd_kernel(const T* __restrict__ xa, const T* __restric
   T* yr = y + r * d;
   A sum = 0;
   for (int64_t c = lane; c < d; c += kWarp) {
-    const T gv = static_cast<T>(activate(static_cast<A>(gr[c]), act));
+    const A pre = static_cast<A>(static_cast<T>(static_cast<A>(gr[c]) + static_cast<A>(b2[c])));
+    const T gv = static_cast<T>(activate(pre, act));
     gr[c] = gv;
     const A z = static_cast<A>(ar[c]) + static_cast<A>(gv) * static_cast<A>(pr[c]);
     if (lnw) sum += z; else yr[c] = static_cast<T>(z);
@@ -360,14 +362,14 @@ void xprime_fwd_cuda(at::Tensor& xp, const at::Tensor& bo, const at::Tensor& lse
 }
 
 void gate_out_fwd_cuda(const at::Tensor& xa, const at::Tensor& xp, at::Tensor& g,
-                       const at::Tensor& ln_w, const at::Tensor& ln_b, at::Tensor& y,
+                       const at::Tensor& b2, const at::Tensor& ln_w, const at::Tensor& ln_b, at::Tensor& y,
                        at::Tensor& mean, at::Tensor& rstd, int64_t act, double eps, const Dims& dm) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t N = dm.B * dm.La;
   GCA_CUDA_DISPATCH(xa, "gca_gate_out_fwd_cuda",
       gate_out_fwd_kernel<scalar_t, A><<<blocks_for(N), kThreads, 0, stream>>>(
           xa.data_ptr<scalar_t>(), xp.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
-          ptr_or_null<scalar_t>(ln_w), ptr_or_null<scalar_t>(ln_b), y.data_ptr<scalar_t>(),
+          b2.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(ln_w), ptr_or_null<scalar_t>(ln_b), y.data_ptr<scalar_t>(),
           ln_w.defined() ? mean.data_ptr<A>() : nullptr,
           ln_w.defined() ? rstd.data_ptr<A>() : nullptr, N, dm.d, act, eps));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -376,8 +378,8 @@ void gate_out_fwd_cuda(const at::Tensor& xa, const at::Tensor& xp, at::Tensor& g
 void gate_out_bwd_cuda(const at::Tensor& dy, const at::Tensor& dcos, const at::Tensor& xa,
                        const at::Tensor& xp, const at::Tensor& g, const at::Tensor& ln_w,
                        const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& dgp,
-                       at::Tensor& dxp, at::Tensor& dxa, at::Tensor& dlnw, at::Tensor& dlnb,
-                       int64_t act, const Dims& dm) {
+                       at::Tensor& db2, at::Tensor& dxp, at::Tensor& dxa, at::Tensor& dlnw,
+                       at::Tensor& dlnb, int64_t act, const Dims& dm) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t N = dm.B * dm.La;
   const bool ln = ln_w.defined();
@@ -389,6 +391,7 @@ void gate_out_bwd_cuda(const at::Tensor& dy, const at::Tensor& dcos, const at::T
         xp.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(ln_w), mp, rp,
         dgp.data_ptr<scalar_t>(), dxp.data_ptr<scalar_t>(), dxa.data_ptr<scalar_t>(), N, dm.d, act);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    at::sum_out(db2, dgp, 0);
     if (ln) {
       const unsigned int blocks = static_cast<unsigned int>((dm.d + 127) / 128);
       ln_param_bwd_kernel<scalar_t, A><<<blocks, 128, 0, stream>>>(

@@ -10,6 +10,7 @@ from gca_kernels.backends import (
     GCAParams,
     available_backends,
     register_backend,
+    release_cpu_workspace,
 )
 from gca_kernels.functional import cosine_alignment, gated_cross_attention
 from gca_kernels.module import FusedGCA
@@ -23,6 +24,7 @@ __all__ = [
     "cosine_alignment",
     "available_backends",
     "register_backend",
+    "release_cpu_workspace",
     "GCAParams",
     "BackendUnavailableError",
     "BACKEND_NAMES",

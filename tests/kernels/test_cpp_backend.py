@@ -160,6 +160,32 @@ def test_compact_rows_deterministic_bitwise():
         assert torch.equal(a[k], b[k]), k
 
 
+def test_scratch_memory_is_reused_across_calls_without_aliasing_results():
+    # The temporaries live in per-thread scratch slots kept between calls. Calls of different
+    # sizes in turn (slots grow, then serve smaller requests) must give exactly what a call
+    # from freed scratch gives, and nothing a call returns may be overwritten by the next one.
+    problems = [cast_problem(left_padded_problem(**COMPACT_CASES[n]), torch.float32)
+                for n in ("mixed", "mixed-3d-tanh-noln", "keys-only", "dense")]
+    fresh = []
+    for p in problems:
+        _C.release_workspace()
+        assert _C.workspace_bytes() == 0
+        fresh.append(run(p, "cpp"))
+    kept = [run(p, "cpp") for p in problems * 2]
+    assert _C.workspace_bytes() > 0
+    snapshot = [{k: v.clone() for k, v in out.items()} for out in kept]
+    for _ in range(2):  # later calls write the slots again
+        run(problems[1], "cpp")
+        run(problems[0], "cpp")
+    for i, out in enumerate(kept):
+        for k in out:
+            assert torch.equal(out[k], fresh[i % len(problems)][k]), (i, k)
+            assert torch.equal(out[k], snapshot[i][k]), (i, k)
+    held = _C.workspace_bytes()
+    assert gca_kernels.release_cpu_workspace() == held
+    assert _C.workspace_bytes() == 0 and gca_kernels.release_cpu_workspace() == 0
+
+
 @pytest.mark.parametrize("case", [Case(2, 3, 4, 8, 2, "tanh", causal="3d", full_pad_row=True),
                                   Case(1, 4, 3, 6, 1, "sigmoid", layer_norm=False, masked_query=True)],
                          ids=str)
