@@ -394,9 +394,9 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
   // The gate only matters where x' != 0 (z = x_a + g * x'): on the compact path h and g hold
   // the active rows packed at their top.
   at::Tensor h = qr.packed(dm.hidden, opts, h_c, zero_tails);
-  at::addmm_out(h_c, b1, xa_c, w1.narrow(1, 0, d).t());
+  at::mm_out(h_c, xa_c, w1.narrow(1, 0, d).t());
   h_c.addmm_(xp_c, w1.narrow(1, d, d).t());
-  h_c.relu_();
+  K.bias_relu(h_c, b1);  // one pass (a bias copy before the product and a ReLU pass were two)
   at::Tensor g = qr.packed(d, opts, g_c, zero_tails);
   at::mm_out(g_c, h_c, w2.t());  // + b2 in the row kernel below
   at::Tensor y = at::empty({N, d}, opts);
@@ -465,8 +465,8 @@ std::vector<at::Tensor> gca_backward(
   at::Tensor dw2 = dg_pre.t().mm(h_c);
   at::Tensor dh = scratch(kSlotC, {qr.n, hid}, opts);
   at::mm_out(dh, dg_pre, w2);
-  at::threshold_backward_out(dh, dh, h_c, 0);  // relu': h was stored post-relu
-  at::Tensor db1 = dh.sum(0);
+  at::Tensor db1 = at::empty({hid}, opts);
+  K.relu_bwd_sum(dh, h_c, db1);  // relu': h was stored post-relu
   const at::Tensor xa_c = qr.gather(xa, kSlotXa);
   at::Tensor dw1 = at::cat({dh.t().mm(xa_c), dh.t().mm(xp.narrow(0, 0, qr.n))}, 1);
   at::Tensor dxa_c;  // compact path: the part of dx_a on the active rows not yet in dxa
@@ -481,7 +481,8 @@ std::vector<at::Tensor> gca_backward(
   // x' is the constant 0 on rows without a visible key: nothing flows back through them
   if (!qr.compact()) dxp.mul_(lse.narrow(1, 0, 1).isfinite().to(dt));
 
-  at::Tensor dbo = dxp.sum(0);
+  at::Tensor dbo = at::empty({d}, opts);
+  K.col_sum(dxp, dbo);
   at::Tensor dwo = dxp.t().mm(o.narrow(0, 0, qr.n));  // o packed like x' on the compact path
   at::Tensor dout = at::mm_out(dg_pre, dxp, wo);  // dg_pre is dead: its buffer takes d(o)
   at::Tensor dq = std::move(dxp);                 // dxp dies as d(o) is formed: dq takes it
@@ -497,7 +498,8 @@ std::vector<at::Tensor> gca_backward(
 
   at::Tensor dq_c = std::move(dq);  // compact on the compact path
   at::Tensor dwq = dq_c.t().mm(xa_c);
-  at::Tensor dbq = dq_c.sum(0);
+  at::Tensor dbq = at::empty({d}, opts);
+  K.col_sum(dq_c, dbq);
   if (qr.compact()) {
     dxa_c.addmm_(dq_c, wq);
     dxa.index_add_(0, qr.idx, dxa_c);
@@ -508,7 +510,8 @@ std::vector<at::Tensor> gca_backward(
   dq_c.reset();
   at::Tensor dkv_c = std::move(dkv);
   at::Tensor dwkv = dkv_c.t().mm(kr.gather(xb, kSlotA));  // d(o)'s slot is free again
-  at::Tensor dbkv = dkv_c.sum(0);
+  at::Tensor dbkv = at::empty({2 * d}, opts);
+  K.col_sum(dkv_c, dbkv);
   const at::Tensor wkv = at::cat({wk, wv});
   // dense path: the product is dx_b itself (an output, so never in scratch)
   at::Tensor dxb;

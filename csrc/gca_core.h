@@ -68,6 +68,12 @@ struct GCAKernels {
                        const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& dg_pre,
                        at::Tensor& db2, at::Tensor& dxp, at::Tensor& dxa, at::Tensor& dln_w, at::Tensor& dln_b,
                        int64_t act, const Dims& dm);
+  // Bias and ReLU of the gate's hidden layer in place: h = max(h + b1, 0).
+  void (*bias_relu)(at::Tensor& h, const at::Tensor& b1);
+  // ReLU backward in place (dh = 0 where h, stored post-ReLU, is 0) and db1 = dh's column sums.
+  void (*relu_bwd_sum)(at::Tensor& dh, const at::Tensor& h, at::Tensor& db1);
+  // out (cols) = the column sums of x (rows, cols): the bias gradients.
+  void (*col_sum)(const at::Tensor& x, at::Tensor& out);
   // dq (N, d) and dkv (M, 2d) from do (N, d), recomputing p from lse. The CUDA kernel adds
   // into dkv (zeros on entry); the CPU kernel zeroes each batch row's block itself.
   void (*attn_bwd)(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& o,

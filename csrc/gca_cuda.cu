@@ -425,8 +425,17 @@ void attn_bwd_cuda(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& 
   });
 }
 
-const GCAKernels kCudaKernels{attn_fwd_cuda, xprime_fwd_cuda, gate_out_fwd_cuda,
-                              gate_out_bwd_cuda, attn_bwd_cuda};
+// The small passes around the products: ATen's kernels are already single passes on the GPU.
+void bias_relu_cuda(at::Tensor& h, const at::Tensor& b1) { h.add_(b1).relu_(); }
+void relu_bwd_sum_cuda(at::Tensor& dh, const at::Tensor& h, at::Tensor& db1) {
+  at::threshold_backward_out(dh, dh, h, 0);
+  at::sum_out(db1, dh, 0);
+}
+void col_sum_cuda(const at::Tensor& x, at::Tensor& out) { at::sum_out(out, x, 0); }
+
+const GCAKernels kCudaKernels{attn_fwd_cuda,     xprime_fwd_cuda, gate_out_fwd_cuda,
+                              gate_out_bwd_cuda, bias_relu_cuda,  relu_bwd_sum_cuda,
+                              col_sum_cuda,      attn_bwd_cuda};
 const std::vector<at::ScalarType> kCudaDtypes{at::kFloat, at::kDouble, at::kBFloat16, at::kHalf};
 
 }  // namespace
