@@ -149,6 +149,31 @@ def median_seconds(fn: Callable[[], object], device: str, min_time: float = 0.5,
     return statistics.median(times)
 
 
+def paired_speedup(base: Callable[[], object], fused: Callable[[], object], device: str,
+                   min_time: float = 2.0, min_pairs: int = 7) -> float:
+    """Median over interleaved pairs of (time of ``base``) / (time of ``fused``).
+
+    On a shared machine the speed drifts by tens of percent over seconds; two medians taken
+    one after the other inherit that drift, a ratio of back-to-back calls mostly does not.
+    The order inside a pair alternates, so neither side always runs first.
+    """
+    ratios: List[float] = []
+    start = time.perf_counter()
+    while len(ratios) < min_pairs or time.perf_counter() - start < min_time:
+        t = {}
+        for name, fn in ((("b", base), ("f", fused)) if len(ratios) % 2 == 0
+                         else (("f", fused), ("b", base))):
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            t[name] = time.perf_counter() - t0
+        ratios.append(t["b"] / t["f"])
+        if len(ratios) >= 200:
+            break
+    return statistics.median(ratios)
+
+
 @dataclass
 class ResultTable:
     """Rows collected during the run, printed at the end by conftest.py."""
@@ -160,7 +185,8 @@ class ResultTable:
     def render(self) -> str:
         if not self.rows:
             return ""
-        cols = ["group", "impl", "median_ms", "x_eager", "x_compile", "peak_MiB", "mem_vs_eager"]
+        cols = ["group", "impl", "median_ms", "x_eager", "x_compile", "x_eager_paired",
+                "x_compile_paired", "peak_MiB", "mem_vs_eager"]
         lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
         for r in self.rows:
             cells = []
@@ -172,9 +198,9 @@ class ResultTable:
 
 
 TABLE = ResultTable()
-# medians and peaks of the baselines, keyed by (group, impl), shared across a session so the
-# ratios of a fused backend come from the same run
-BASELINES: Dict[tuple, Dict[str, float]] = {}
+# medians, peaks and workloads of the baselines, keyed by (group, impl), shared across a session
+# so the ratios of a fused backend come from the same run
+BASELINES: Dict[tuple, Dict[str, object]] = {}
 
 
 def torch_threads_note() -> str:

@@ -3,7 +3,9 @@
 One pytest-benchmark group per (operator, pass, device, dtype, shape); inside a group the
 eager reference, ``torch.compile`` of the eager reference and every fused backend available
 for the device run one after another, and each fused row carries its speed-up over eager
-and over compile and its peak memory in ``extra_info``. Run:
+and over compile and its peak memory in ``extra_info``: the ratio of the medians, and the
+median ratio of interleaved back-to-back calls (``x_*_paired``, steadier on a shared machine
+whose speed drifts between the groups' tests). Run:
 
     pytest benchmarks/ --benchmark-only
 
@@ -18,7 +20,7 @@ import torch
 import gca_kernels
 from benchmarks.harness import (
     BASELINES, CPU_SHAPES, GPU_BF16_SHAPES, GPU_SHAPES, TABLE, Shape, cosine_reference,
-    forward_backward, gca_call, make_inputs, median_seconds, peak_memory_bytes,
+    forward_backward, gca_call, make_inputs, median_seconds, paired_speedup, peak_memory_bytes,
     reference_forward,
 )
 
@@ -116,7 +118,7 @@ def test_bench(benchmark, op, pas, device, dtype, shape, impl):
     benchmark(timed)
     median = benchmark.stats.stats.median
     peak = peak_memory_bytes(run, device)
-    BASELINES[(group, impl)] = {"median": median, "peak": peak}
+    BASELINES[(group, impl)] = {"median": median, "peak": peak, "run": run}
 
     info = {"median_ms": median * 1e3, "peak_MiB": peak / 2**20}
     if impl != "eager":
@@ -127,9 +129,13 @@ def test_bench(benchmark, op, pas, device, dtype, shape, impl):
                 b_run = _workload(op, pas, device, dtype, shape, base)
                 b_run()
                 BASELINES[(group, base)] = {"median": median_seconds(b_run, device),
-                                            "peak": peak_memory_bytes(b_run, device)}
+                                            "peak": peak_memory_bytes(b_run, device),
+                                            "run": b_run}
             info[f"x_{base}"] = BASELINES[(group, base)]["median"] / median
+            info[f"x_{base}_paired"] = paired_speedup(BASELINES[(group, base)]["run"], run, device)
         info["mem_vs_eager"] = peak / max(BASELINES[(group, "eager")]["peak"], 1)
     benchmark.extra_info.update(info)
     TABLE.add(group=group, impl=impl, median_ms=median * 1e3, x_eager=info.get("x_eager"),
-              x_compile=info.get("x_compile"), peak_MiB=peak / 2**20, mem_vs_eager=info.get("mem_vs_eager"))
+              x_compile=info.get("x_compile"), x_eager_paired=info.get("x_eager_paired"),
+              x_compile_paired=info.get("x_compile_paired"), peak_MiB=peak / 2**20,
+              mem_vs_eager=info.get("mem_vs_eager"))
