@@ -396,7 +396,10 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
   at::Tensor h = qr.packed(dm.hidden, opts, h_c, zero_tails);
   at::mm_out(h_c, xa_c, w1.narrow(1, 0, d).t());
   h_c.addmm_(xp_c, w1.narrow(1, d, d).t());
-  K.bias_relu(h_c, b1);  // one pass (a bias copy before the product and a ReLU pass were two)
+  {  // one pass (a bias copy before the product and a ReLU pass were two)
+    RECORD_FUNCTION("gca::bias_relu", std::vector<c10::IValue>());  // named in profiles
+    K.bias_relu(h_c, b1);
+  }
   at::Tensor g = qr.packed(d, opts, g_c, zero_tails);
   at::mm_out(g_c, h_c, w2.t());  // + b2 in the row kernel below
   at::Tensor y = at::empty({N, d}, opts);
@@ -466,7 +469,10 @@ std::vector<at::Tensor> gca_backward(
   at::Tensor dh = scratch(kSlotC, {qr.n, hid}, opts);
   at::mm_out(dh, dg_pre, w2);
   at::Tensor db1 = at::empty({hid}, opts);
-  K.relu_bwd_sum(dh, h_c, db1);  // relu': h was stored post-relu
+  {
+    RECORD_FUNCTION("gca::relu_bwd_sum", std::vector<c10::IValue>());  // named in profiles
+    K.relu_bwd_sum(dh, h_c, db1);  // relu': h was stored post-relu
+  }
   const at::Tensor xa_c = qr.gather(xa, kSlotXa);
   at::Tensor dw1 = at::cat({dh.t().mm(xa_c), dh.t().mm(xp.narrow(0, 0, qr.n))}, 1);
   at::Tensor dxa_c;  // compact path: the part of dx_a on the active rows not yet in dxa
@@ -482,7 +488,10 @@ std::vector<at::Tensor> gca_backward(
   if (!qr.compact()) dxp.mul_(lse.narrow(1, 0, 1).isfinite().to(dt));
 
   at::Tensor dbo = at::empty({d}, opts);
-  K.col_sum(dxp, dbo);
+  {
+    RECORD_FUNCTION("gca::col_sum", std::vector<c10::IValue>());  // named in profiles
+    K.col_sum(dxp, dbo);
+  }
   at::Tensor dwo = dxp.t().mm(o.narrow(0, 0, qr.n));  // o packed like x' on the compact path
   at::Tensor dout = at::mm_out(dg_pre, dxp, wo);  // dg_pre is dead: its buffer takes d(o)
   at::Tensor dq = std::move(dxp);                 // dxp dies as d(o) is formed: dq takes it
@@ -499,7 +508,10 @@ std::vector<at::Tensor> gca_backward(
   at::Tensor dq_c = std::move(dq);  // compact on the compact path
   at::Tensor dwq = dq_c.t().mm(xa_c);
   at::Tensor dbq = at::empty({d}, opts);
-  K.col_sum(dq_c, dbq);
+  {
+    RECORD_FUNCTION("gca::col_sum", std::vector<c10::IValue>());  // named in profiles
+    K.col_sum(dq_c, dbq);
+  }
   if (qr.compact()) {
     dxa_c.addmm_(dq_c, wq);
     dxa.index_add_(0, qr.idx, dxa_c);
@@ -511,7 +523,10 @@ std::vector<at::Tensor> gca_backward(
   at::Tensor dkv_c = std::move(dkv);
   at::Tensor dwkv = dkv_c.t().mm(kr.gather(xb, kSlotA));  // d(o)'s slot is free again
   at::Tensor dbkv = at::empty({2 * d}, opts);
-  K.col_sum(dkv_c, dbkv);
+  {
+    RECORD_FUNCTION("gca::col_sum", std::vector<c10::IValue>());  // named in profiles
+    K.col_sum(dkv_c, dbkv);
+  }
   const at::Tensor wkv = at::cat({wk, wv});
   // dense path: the product is dx_b itself (an output, so never in scratch)
   at::Tensor dxb;
