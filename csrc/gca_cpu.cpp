@@ -387,6 +387,62 @@ GCA_CPU_CLONES void attn_fwd_blocks(const at::Tensor& q_t, const at::Tensor& kv_
   }
 }
 
+// The attention backward takes a batch row's query rows kG at a time. Collects the next group
+// (from query position i on, advanced past it): each row with a visible key gets its full row
+// index, its visible keys as rows of kv and their count; rows with none get dq = 0 on the way.
+// Returns the group's size G (0 when b has no such row left).
+template <typename T, typename A>
+inline int64_t next_query_group(const Dims& dm, int64_t b, int64_t& i, const A* lse,
+                                const bool* kpm_b, const bool* am, bool am_shared, T* dq,
+                                int32_t* visv, int64_t* rows, int64_t* nvs) {
+  const int64_t La = dm.La, Lb = dm.Lb, d = dm.d;
+  int64_t G = 0;
+  for (; i < La && G < kG; ++i) {
+    const int64_t r = b * La + i;
+    const int64_t rc = dm.qpos ? dm.qpos[r] : r;  // row of q, o, dout, dq
+    if (rc < 0) continue;  // not stored: no visible key
+    if (std::isinf(lse[r * dm.H])) {  // no visible key (for every head): p = 0, nothing flows
+      for (int64_t c = 0; c < d; ++c) dq[rc * d + c] = T(0);
+      continue;
+    }
+    const bool* am_row = am ? am + ((am_shared ? 0 : b) * La + i) * Lb : nullptr;
+    int32_t* vis = visv + G * Lb;
+    nvs[G] = visible_keys(kpm_b, am_row, Lb, vis);
+    key_rows(dm, b, nvs[G], vis);  // now rows of kv and dkv (this task's key block)
+    rows[G++] = r;
+  }
+  return G;
+}
+
+// dk_j += sum_g (a[g][j] * a_scale) q_g and dv_j += sum_g p[g][j] do_g over the key positions
+// u[0..nu) of a query group (dk_j at dk + j * 2d, dv_j d further): each dk/dv row is read and
+// written once per group. Rows of the group past its size carry a = p = 0.
+template <typename T, typename A>
+inline void add_group_dkv(T* dk, int64_t d, int64_t dh, const int32_t* u, int64_t nu,
+                          const A* const* a, A a_scale, const A* const* p, const T* const* qg,
+                          const T* const* dog) {
+  const A *e0 = a[0], *e1 = a[1], *e2 = a[2], *e3 = a[3];
+  const A *s0 = p[0], *s1 = p[1], *s2 = p[2], *s3 = p[3];
+  const T *q0 = qg[0], *q1 = qg[1], *q2 = qg[2], *q3 = qg[3];
+  const T *o0 = dog[0], *o1 = dog[1], *o2 = dog[2], *o3 = dog[3];
+  for (int64_t k = 0; k < nu; ++k) {
+    const int64_t j = u[k];
+    T* dkr = dk + j * 2 * d;
+    T* dvr = dkr + d;
+    const A a0 = e0[j] * a_scale, a1 = e1[j] * a_scale, a2 = e2[j] * a_scale, a3 = e3[j] * a_scale;
+    const A p0 = s0[j], p1 = s1[j], p2 = s2[j], p3 = s3[j];
+#pragma omp simd
+    for (int64_t c = 0; c < dh; ++c) {
+      dkr[c] = static_cast<T>(static_cast<A>(dkr[c]) +
+                              (a0 * static_cast<A>(q0[c]) + a1 * static_cast<A>(q1[c]) +
+                               a2 * static_cast<A>(q2[c]) + a3 * static_cast<A>(q3[c])));
+      dvr[c] = static_cast<T>(static_cast<A>(dvr[c]) +
+                              (p0 * static_cast<A>(o0[c]) + p1 * static_cast<A>(o1[c]) +
+                               p2 * static_cast<A>(o2[c]) + p3 * static_cast<A>(o3[c])));
+    }
+  }
+}
+
 template <typename T>
 GCA_CPU_CLONES void attn_bwd_blocks(const at::Tensor& q_t, const at::Tensor& kv_t, const at::Tensor& o_t,
                    const at::Tensor& do_t, const at::Tensor& lse_t, const at::Tensor& kpm_t,
@@ -439,22 +495,8 @@ GCA_CPU_CLONES void attn_bwd_blocks(const at::Tensor& q_t, const at::Tensor& kv_
       int64_t rows[kG], nvs[kG];
       int64_t i = 0;
       while (i < La) {
-        // the next kG query rows of b with a visible key
-        int64_t G = 0;
-        for (; i < La && G < kG; ++i) {
-          const int64_t r = b * La + i;
-          const int64_t rc = dm.qpos ? dm.qpos[r] : r;  // row of q, o, dout, dq
-          if (rc < 0) continue;  // not stored: no visible key
-          if (std::isinf(lse[r * H])) {  // no visible key (for every head): p = 0, nothing flows
-            for (int64_t c = 0; c < d; ++c) dq[rc * d + c] = T(0);
-            continue;
-          }
-          const bool* am_row = am ? am + ((am_shared ? 0 : b) * La + i) * Lb : nullptr;
-          int32_t* vis = visv.data() + G * Lb;
-          nvs[G] = visible_keys(kpm_b, am_row, Lb, vis);
-          key_rows(dm, b, nvs[G], vis);  // now rows of kv (this task's block)
-          rows[G++] = r;
-        }
+        const int64_t G = next_query_group<T, A>(dm, b, i, lse, kpm_b, am, am_shared, dq,
+                                                 visv.data(), rows, nvs);
         if (G == 0) continue;
         // [lo, hi): the kW blocks spanning every row's visible keys; vm per row over all of it
         int64_t lo = Lw, hi = 0;
@@ -523,26 +565,9 @@ GCA_CPU_CLONES void attn_bwd_blocks(const at::Tensor& q_t, const at::Tensor& kv_
             for (int64_t c = 0; c < dh; ++c) dqr[c] = static_cast<T>(acc[c] * scale);
           }
           // dk_j += scale sum_g ds_gj q_g, dv_j += sum_g p_gj do_g: one pass over each key row
-          const A *s0 = sv.data(), *s1 = s0 + Lw, *s2 = s1 + Lw, *s3 = s2 + Lw;
-          const A *e0 = dsv.data(), *e1 = e0 + Lw, *e2 = e1 + Lw, *e3 = e2 + Lw;
-          const T *q0 = qg[0], *q1 = qg[1], *q2 = qg[2], *q3 = qg[3];
-          const T *o0 = dog[0], *o1 = dog[1], *o2 = dog[2], *o3 = dog[3];
-          for (int64_t k = 0; k < nu; ++k) {
-            const int64_t j = u[k];
-            T* dkr = dkv + (k0 + j) * 2 * d + h * dh;
-            T* dvr = dkr + d;
-            const A a0 = e0[j] * scale, a1 = e1[j] * scale, a2 = e2[j] * scale, a3 = e3[j] * scale;
-            const A p0 = s0[j], p1 = s1[j], p2 = s2[j], p3 = s3[j];
-#pragma omp simd
-            for (int64_t c = 0; c < dh; ++c) {
-              dkr[c] = static_cast<T>(static_cast<A>(dkr[c]) +
-                                      (a0 * static_cast<A>(q0[c]) + a1 * static_cast<A>(q1[c]) +
-                                       a2 * static_cast<A>(q2[c]) + a3 * static_cast<A>(q3[c])));
-              dvr[c] = static_cast<T>(static_cast<A>(dvr[c]) +
-                                      (p0 * static_cast<A>(o0[c]) + p1 * static_cast<A>(o1[c]) +
-                                       p2 * static_cast<A>(o2[c]) + p3 * static_cast<A>(o3[c])));
-            }
-          }
+          const A* ag[kG] = {dsv.data(), dsv.data() + Lw, dsv.data() + 2 * Lw, dsv.data() + 3 * Lw};
+          const A* pg[kG] = {sv.data(), sv.data() + Lw, sv.data() + 2 * Lw, sv.data() + 3 * Lw};
+          add_group_dkv<T, A>(dkv + k0 * 2 * d + h * dh, d, dh, u, nu, ag, scale, pg, qg, dog);
         }
       }
     }
@@ -643,7 +668,7 @@ GCA_CPU_CLONES void attn_bwd_rows(const at::Tensor& q_t, const at::Tensor& kv_t,
   {
     std::vector<int32_t> visv(kG * Lb), uv(Lb);
     std::vector<A> sv(Lb), dsv(Lb), accv(dh);
-    // per group row, over the batch row's key block: p and scale * ds, 0 where it sees no key
+    // per group row, over the batch row's key block: p and ds, 0 where it sees no key
     std::vector<A> pgv(kG * Lb), dsgv(kG * Lb);
     std::vector<uint8_t> seenv(Lb, 0);
     A* s = sv.data();
@@ -660,22 +685,8 @@ GCA_CPU_CLONES void attn_bwd_rows(const at::Tensor& q_t, const at::Tensor& kv_t,
       int64_t rows[kG], nvs[kG];
       int64_t i = 0;
       while (i < La) {
-        // the next kG query rows of b with a visible key
-        int64_t G = 0;
-        for (; i < La && G < kG; ++i) {
-          const int64_t r = b * La + i;
-          const int64_t rc = dm.qpos ? dm.qpos[r] : r;  // row of q, o, dout, dq
-          if (rc < 0) continue;  // not stored: no visible key
-          if (std::isinf(lse[r * H])) {  // no visible key (for every head): p = 0, nothing flows
-            for (int64_t c = 0; c < d; ++c) dq[rc * d + c] = T(0);
-            continue;
-          }
-          const bool* am_row = am ? am + ((am_shared ? 0 : b) * La + i) * Lb : nullptr;
-          int32_t* vis = visv.data() + G * Lb;
-          nvs[G] = visible_keys(kpm_b, am_row, Lb, vis);
-          key_rows(dm, b, nvs[G], vis);  // now rows of kv and dkv (this task's key block)
-          rows[G++] = r;
-        }
+        const int64_t G = next_query_group<T, A>(dm, b, i, lse, kpm_b, am, am_shared, dq,
+                                                 visv.data(), rows, nvs);
         if (G == 0) continue;
         // u: the key positions (block-relative) some row of the group sees, ascending
         int64_t nu = 0, lo = nk, hi = 0;
@@ -724,30 +735,13 @@ GCA_CPU_CLONES void attn_bwd_rows(const at::Tensor& q_t, const at::Tensor& kv_t,
             A* dsg = dsgv.data() + g * Lb;
             for (int64_t k = 0; k < nv; ++k) {
               pg[vis[k] - k0] = s[k];
-              dsg[vis[k] - k0] = ds[k] * scale;
+              dsg[vis[k] - k0] = ds[k];
             }
           }
-          // dk_j += sum_g scale ds_gj q_g, dv_j += sum_g p_gj do_g: one pass over each key row
-          const A *p0 = pgv.data(), *p1 = p0 + Lb, *p2 = p1 + Lb, *p3 = p2 + Lb;
-          const A *e0 = dsgv.data(), *e1 = e0 + Lb, *e2 = e1 + Lb, *e3 = e2 + Lb;
-          const T *q0 = qg[0], *q1 = qg[1], *q2 = qg[2], *q3 = qg[3];
-          const T *o0 = dog[0], *o1 = dog[1], *o2 = dog[2], *o3 = dog[3];
-          for (int64_t k = 0; k < nu; ++k) {
-            const int64_t j = u[k];
-            T* dkr = dkv + (k0 + j) * 2 * d + h * dh;
-            T* dvr = dkr + d;
-            const A a0 = e0[j], a1 = e1[j], a2 = e2[j], a3 = e3[j];
-            const A b0 = p0[j], b1 = p1[j], b2 = p2[j], b3 = p3[j];
-#pragma omp simd
-            for (int64_t c = 0; c < dh; ++c) {
-              dkr[c] = static_cast<T>(static_cast<A>(dkr[c]) +
-                                      (a0 * static_cast<A>(q0[c]) + a1 * static_cast<A>(q1[c]) +
-                                       a2 * static_cast<A>(q2[c]) + a3 * static_cast<A>(q3[c])));
-              dvr[c] = static_cast<T>(static_cast<A>(dvr[c]) +
-                                      (b0 * static_cast<A>(o0[c]) + b1 * static_cast<A>(o1[c]) +
-                                       b2 * static_cast<A>(o2[c]) + b3 * static_cast<A>(o3[c])));
-            }
-          }
+          // dk_j += scale sum_g ds_gj q_g, dv_j += sum_g p_gj do_g: one pass over each key row
+          const A* ag[kG] = {dsgv.data(), dsgv.data() + Lb, dsgv.data() + 2 * Lb, dsgv.data() + 3 * Lb};
+          const A* pg[kG] = {pgv.data(), pgv.data() + Lb, pgv.data() + 2 * Lb, pgv.data() + 3 * Lb};
+          add_group_dkv<T, A>(dkv + k0 * 2 * d + h * dh, d, dh, u, nu, ag, scale, pg, qg, dog);
         }
       }
     }
