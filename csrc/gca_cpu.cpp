@@ -10,13 +10,13 @@
 // Each query row first lists the keys it sees (causal masks and left padding hide most of Lb).
 // Heads up to 64 wide (attn_*_blocks): one task per batch row, whose keys and values are
 // transposed once, so the scores are loops along whole 16-key blocks summed in registers (no
-// horizontal sum per key); p v and dq sum the visible key rows in registers; the backward takes
-// query rows four at a time so each dk/dv row is updated once per group. Wider heads
-// (attn_*_rows): one dot product per visible key, four keys per pass. float32 exp is a
+// horizontal sum per key); p v and dq sum the visible key rows in registers. Wider heads
+// (attn_*_rows): one dot product per visible key, four keys per pass. Both backwards take
+// query rows four at a time so each dk/dv row is updated once per group. float32 exp is a
 // vectorisable polynomial (vexp), not the scalar libm call.
 //
 // Determinism: every output element is written by exactly one thread, and the parameter
-// reductions (LayerNorm weight/bias gradients) use fixed row chunks reduced in chunk order,
+// reductions (bias and LayerNorm gradients) use fixed row chunks reduced in chunk order,
 // so results are bit-identical run to run, whatever the number of threads. The attention
 // backward runs one batch row per task, so k/v gradients accumulate in a fixed order.
 #include <ATen/OpMathType.h>
