@@ -130,6 +130,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             for name, a in results["alignment"].items():
                 print(f"alignment {name}: |cos(X,X')| {a['cos_x_xprime']:.4f}  |cos(X,Y)| {a['cos_x_y']:.4f}")
             print(f"results: {out / 'results.json'}")
+        # Every rank reaches here before any tears down its process group: a rank that
+        # destroys its gloo context while a peer still has a collective in flight aborts
+        # the peer at exit ("terminate called without an active exception"). Not on the
+        # exception path, where a peer may never arrive.
+        ctx.barrier()
     finally:
         ctx.close()
     return 0
