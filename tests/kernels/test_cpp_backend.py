@@ -26,8 +26,10 @@ from gca_kernels.ops import cpp as cpp_ops  # noqa: E402
 
 _C = cpp_ops._C
 
-# La != Lb, odd lengths, d in {16, 48, 80, 128}, 1..8 heads, both activations, LN on/off,
-# padding, 2-D/3-D causal masks, fully masked query rows, fully padded batch rows
+# La != Lb, odd lengths, d in {16, 48, 80, 96, 128}, 1..8 heads, both activations, LN on/off,
+# padding, 2-D/3-D causal masks, fully masked query rows, fully padded batch rows. The head
+# widths (2 to 128) take every path of the attention tiles: whole pairs of 16-column chunks, a
+# single chunk after them (dh 48), and the scalar tail of widths that are not a multiple of 16.
 CASES = [
     Case(2, 1, 7, 16, 1),
     Case(2, 7, 1, 16, 2, "tanh"),
@@ -38,6 +40,7 @@ CASES = [
     Case(3, 9, 33, 48, 2, "tanh", causal="3d", masked_query=True, full_pad_row=True, gate_hidden=20),
     Case(2, 33, 1, 80, 4, "sigmoid", full_pad_row=True),
     Case(1, 7, 9, 16, 8, "sigmoid", layer_norm=False, masked_query=True),
+    Case(3, 37, 35, 96, 2, "sigmoid", causal="3d", masked_query=True),
 ]
 
 
