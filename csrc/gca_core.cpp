@@ -368,7 +368,8 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
   at::Tensor q_c, kv_c, o_c, h_c;
   at::Tensor q = qr.packed(d, opts, q_c, zero_tails);
   at::addmm_out(q_c, bq, xa_c, wq.t());
-  // k and v come from the same input: one product against the stacked weights
+  // k and v come from the same input: one product against the stacked weights (two products
+  // into kv's column halves read x_b twice and copy the bias twice: measured slower)
   at::Tensor kv = kr.packed(2 * d, opts, kv_c, zero_tails);
   at::addmm_out(kv_c, at::cat({bk, bv}), kr.gather(xb, kSlotA), at::cat({wk, wv}).t());
   at::Tensor o = qr.packed(d, opts, o_c, zero_tails);
@@ -474,7 +475,13 @@ std::vector<at::Tensor> gca_backward(
     K.relu_bwd_sum(dh, h_c, db1);  // relu': h was stored post-relu
   }
   const at::Tensor xa_c = qr.gather(xa, kSlotXa);
-  at::Tensor dw1 = at::cat({dh.t().mm(xa_c), dh.t().mm(xp.narrow(0, 0, qr.n))}, 1);
+  // dW1's two column halves written in place (strided outputs), not concatenated afterwards
+  at::Tensor dw1 = at::empty({hid, 2 * d}, opts);
+  {
+    at::Tensor dw1a = dw1.narrow(1, 0, d), dw1b = dw1.narrow(1, d, d);
+    at::mm_out(dw1a, dh.t(), xa_c);
+    at::mm_out(dw1b, dh.t(), xp.narrow(0, 0, qr.n));
+  }
   at::Tensor dxa_c;  // compact path: the part of dx_a on the active rows not yet in dxa
   if (qr.compact()) {
     dxa_c = scratch(kSlotDxa, {qr.n, d}, opts);
@@ -538,6 +545,8 @@ std::vector<at::Tensor> gca_backward(
     dxb = dkv_c.mm(wkv);
   }
   // custom ops may not return aliasing outputs: split the stacked k/v gradients into copies
+  // (two d x d copies cost less than a second pass over the rows that separate products of dk
+  // and dv would need: measured)
   return {dxa.view({dm.B, dm.La, d}), dxb.view({dm.B, dm.Lb, d}), dwq, dbq,
           dwkv.narrow(0, 0, d).clone(), dbkv.narrow(0, 0, d).clone(),
           dwkv.narrow(0, d, d).clone(), dbkv.narrow(0, d, d).clone(), dwo, dbo, dw1, db1, dw2,
