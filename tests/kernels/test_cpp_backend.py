@@ -100,7 +100,7 @@ COMPACT_CASES = {
     "mixed": dict(lengths=[0, 40, 7, 23, 1, 31, 12, 40], L=40, d=32, heads=2),
     "mixed-3d-tanh-noln": dict(lengths=[5, 0, 17, 3, 9, 0], L=24, d=48, heads=4,
                                activation="tanh", layer_norm=False, mask="3d"),
-    # heads wider than 64 (the row kernels, query rows in groups of four): dh 128, and dh 72
+    # heads wider than 64 on the compact path (query rows in groups of four): dh 128, and dh 72
     # (not a multiple of the 16-wide register blocks)
     "wide-head": dict(lengths=[0, 30, 7, 23, 1, 30], L=30, d=128, heads=1),
     "wide-head-odd-3d": dict(lengths=[5, 0, 17, 3, 9, 24, 12], L=24, d=144, heads=2,
