@@ -126,9 +126,8 @@ inline int64_t round_up(int64_t n) { return (n + kW - 1) / kW * kW; }
 constexpr int64_t kG = 4;
 
 // t[c * ld + j] = rows[j * rs + c] for c < n, j < nk, and 0 for nk <= j < ld: the block's keys
-// (and values) transposed, so that the scores of one query row are a loop along the keys
-// (vectorised, no horizontal sums; with dh = 32 a dot product per key spent most of its time
-// reducing its vector).
+// (and values) transposed, so that scores are loops along the keys (vectorised, no horizontal
+// sums; with dh = 32 a dot product per key spent most of its time reducing its vector).
 template <typename T, typename A>
 inline void transpose_block(const T* rows, int64_t nk, int64_t rs, int64_t n, int64_t ld, A* t) {
   // row by row of t: its writes are contiguous and only the reads stride (written column by
@@ -364,9 +363,9 @@ GCA_TILE_INLINE void key_grads(const A* W, int64_t ld, const T* const* x, const 
 }
 
 // The keys of a group of G query rows (visible keys as rows of kv, block-relative after - k0):
-// [lo, hi) the kW blocks spanning them all, vm_g over it (1 where row g sees the key, 0 for the
-// other columns and for rows past G), u the keys some row of the group sees, ascending; returns
-// their number.
+// [lo, hi) the kW blocks spanning them all, vm_g over it for g < G (1 where row g sees the key,
+// 0 for the other columns), u the keys some row of the group sees, ascending; returns their
+// number.
 template <typename A>
 GCA_TILE_INLINE int64_t group_keys(const int32_t* visv, int64_t Lb, const int64_t* nvs, int64_t G,
                                    int64_t k0, A* vmv, int64_t Lw, int32_t* u, int64_t& lo,
@@ -378,10 +377,9 @@ GCA_TILE_INLINE int64_t group_keys(const int32_t* visv, int64_t Lb, const int64_
     lo = std::min<int64_t>(lo, (vis[0] - k0) / kW * kW);
     hi = std::max<int64_t>(hi, round_up(vis[nvs[g] - 1] - k0 + 1));
   }
-  for (int64_t g = 0; g < kG; ++g) {
+  for (int64_t g = 0; g < G; ++g) {
     A* vm = vmv + g * Lw;
     for (int64_t j = lo; j < hi; ++j) vm[j] = A(0);
-    if (g >= G) continue;
     const int32_t* vis = visv + g * Lb;
     for (int64_t k = 0; k < nvs[g]; ++k) vm[vis[k] - k0] = A(1);
   }
