@@ -146,29 +146,37 @@ struct KBlock {
   typedef A V __attribute__((vector_size(kW * sizeof(A))));
 };
 
-// The attention backward takes a batch row's query rows kG at a time. Collects the next group
-// (from query position i on, advanced past it): each row with a visible key gets its full row
-// index, its visible keys as rows of kv and their count; rows with none get dq = 0 on the way.
-// Returns the group's size G (0 when b has no such row left).
-template <typename T, typename A>
-inline int64_t next_query_group(const Dims& dm, int64_t b, int64_t& i, const A* lse,
-                                const bool* kpm_b, const bool* am, bool am_shared, T* dq,
-                                int32_t* visv, int64_t* rows, int64_t* nvs) {
-  const int64_t La = dm.La, Lb = dm.Lb, d = dm.d;
+// The attention kernels take a batch row's query rows kG at a time. Collects the next group
+// (from query position i on, advanced past it): each stored row with a visible key gets its
+// full row index r, its compact row rc (of q, o, dout, dq), its visible keys as rows of kv and
+// their count; rows with none go to keyless(r, rc) on the way. Slots past the group's size G
+// repeat its first row (the four-row tiles compute them; their results are not used). Returns G
+// (0 when b has no such row left).
+template <typename F>
+inline int64_t next_query_group(const Dims& dm, int64_t b, int64_t& i, const bool* kpm_b,
+                                const bool* am, bool am_shared, int32_t* visv, int64_t* rows,
+                                int64_t* rcs, int64_t* nvs, F&& keyless) {
+  const int64_t La = dm.La, Lb = dm.Lb;
   int64_t G = 0;
   for (; i < La && G < kG; ++i) {
     const int64_t r = b * La + i;
-    const int64_t rc = dm.qpos ? dm.qpos[r] : r;  // row of q, o, dout, dq
+    const int64_t rc = dm.qpos ? dm.qpos[r] : r;
     if (rc < 0) continue;  // not stored: no visible key
-    if (std::isinf(lse[r * dm.H])) {  // no visible key (for every head): p = 0, nothing flows
-      for (int64_t c = 0; c < d; ++c) dq[rc * d + c] = T(0);
-      continue;
-    }
     const bool* am_row = am ? am + ((am_shared ? 0 : b) * La + i) * Lb : nullptr;
     int32_t* vis = visv + G * Lb;
-    nvs[G] = visible_keys(kpm_b, am_row, Lb, vis);
-    key_rows(dm, b, nvs[G], vis);  // now rows of kv and dkv (this task's key block)
-    rows[G++] = r;
+    const int64_t nv = visible_keys(kpm_b, am_row, Lb, vis);
+    if (nv == 0) {
+      keyless(r, rc);
+      continue;
+    }
+    key_rows(dm, b, nv, vis);  // now rows of kv (and dkv): this task's key block
+    rows[G] = r;
+    rcs[G] = rc;
+    nvs[G++] = nv;
+  }
+  for (int64_t g = G; G > 0 && g < kG; ++g) {
+    rows[g] = rows[0];
+    rcs[g] = rcs[0];
   }
   return G;
 }
@@ -427,26 +435,14 @@ GCA_CPU_CLONES void attn_fwd_tiles(const at::Tensor& q_t, const at::Tensor& kv_t
       bool transposed = false;
       const bool* kpm_b = kpm ? kpm + b * Lb : nullptr;
       int64_t rows[kG], rcs[kG], nvs[kG];
+      const auto keyless = [&](int64_t r, int64_t rc) {  // o = 0, lse = +inf marks the row
+        for (int64_t c = 0; c < d; ++c) o[rc * d + c] = T(0);
+        for (int64_t h = 0; h < H; ++h) lse[r * H + h] = std::numeric_limits<A>::infinity();
+      };
       int64_t i = 0;
       while (i < La) {
-        int64_t G = 0;
-        for (; i < La && G < kG; ++i) {
-          const int64_t r = b * La + i;
-          const int64_t rc = dm.qpos ? dm.qpos[r] : r;  // row of q and o
-          if (rc < 0) continue;
-          const bool* am_row = am ? am + ((am_shared ? 0 : b) * La + i) * Lb : nullptr;
-          int32_t* vis = visv.data() + G * Lb;
-          const int64_t nv = visible_keys(kpm_b, am_row, Lb, vis);
-          if (nv == 0) {  // no visible key: o = 0, lse = +inf marks the row
-            for (int64_t c = 0; c < d; ++c) o[rc * d + c] = T(0);
-            for (int64_t h = 0; h < H; ++h) lse[r * H + h] = std::numeric_limits<A>::infinity();
-            continue;
-          }
-          key_rows(dm, b, nv, vis);  // now rows of kv
-          rows[G] = r;
-          rcs[G] = rc;
-          nvs[G++] = nv;
-        }
+        const int64_t G = next_query_group(dm, b, i, kpm_b, am, am_shared, visv.data(), rows,
+                                           rcs, nvs, keyless);
         if (G == 0) continue;
         if (!transposed) {
           transpose_block<T, A>(kv + k0 * 2 * d, nk, 2 * d, d, ld, kt);
@@ -457,10 +453,9 @@ GCA_CPU_CLONES void attn_fwd_tiles(const at::Tensor& q_t, const at::Tensor& kv_t
         for (int64_t h = 0; h < H; ++h) {
           const T* xg[kG];
           T* og[kG];
-          for (int64_t g = 0; g < kG; ++g) {  // rows past G repeat the first (results unused)
-            const int64_t rc = rcs[g < G ? g : 0];
-            xg[g] = q + rc * d + h * dh;
-            og[g] = o + rc * d + h * dh;
+          for (int64_t g = 0; g < kG; ++g) {
+            xg[g] = q + rcs[g] * d + h * dh;
+            og[g] = o + rcs[g] * d + h * dh;
           }
           tdots4<T, A>(xg, scale, kt + h * dh * ld, ld, dh, lo, hi, sg);
           A f[kG] = {A(0), A(0), A(0), A(0)};
@@ -536,20 +531,19 @@ GCA_CPU_CLONES void attn_bwd_tiles(const at::Tensor& q_t, const at::Tensor& kv_t
       const int64_t ld = round_up(nk);
       transpose_block<T, A>(kv + k0 * 2 * d, nk, 2 * d, 2 * d, ld, kvt);
       const bool* kpm_b = kpm ? kpm + b * Lb : nullptr;
-      int64_t rows[kG], nvs[kG];
+      int64_t rows[kG], rcs[kG], nvs[kG];
+      // no visible key (the forward's lse is +inf there): p = 0, nothing flows
+      const auto keyless = [&](int64_t, int64_t rc) {
+        for (int64_t c = 0; c < d; ++c) dq[rc * d + c] = T(0);
+      };
       int64_t nr = 0;  // query rows of b with a visible key so far
       int64_t i = 0;
       while (i < La) {
-        const int64_t G = next_query_group<T, A>(dm, b, i, lse, kpm_b, am, am_shared, dq,
-                                                 visv.data(), rows, nvs);
+        const int64_t G = next_query_group(dm, b, i, kpm_b, am, am_shared, visv.data(), rows,
+                                           rcs, nvs, keyless);
         if (G == 0) continue;
         int64_t lo, hi;
         const int64_t nu = group_keys<A>(visv.data(), Lb, nvs, G, k0, vmv.data(), Lw, u, lo, hi);
-        int64_t rcs[kG];
-        for (int64_t g = 0; g < kG; ++g) {
-          const int64_t r = rows[g < G ? g : 0];
-          rcs[g] = dm.qpos ? dm.qpos[r] : r;
-        }
         for (int64_t h = 0; h < H; ++h) {
           const T* qg[kG];
           const T* dog[kG];
