@@ -132,7 +132,7 @@ std::vector<at::Tensor> cos_bwd_cpu(const at::Tensor& gout, const at::Tensor& x,
   TORCH_CHECK(gout.numel() == 1 && gout.device().is_cpu(),
               "cos_bwd (cpp): gout must be a one-element CPU tensor, got ", gout.sizes());
   const double go = gout.item<double>();
-  at::Tensor dx = at::empty_like(x), dy = at::empty_like(y);
+  at::Tensor dx = recycled_empty(x.sizes(), x.options()), dy = recycled_empty(y.sizes(), y.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gca_cos_bwd_cpu", [&] {
     cos_bwd_impl<scalar_t>(go, x, y, mask_ptr(mask), absolute, dx, dy);
   });

@@ -25,10 +25,12 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
+#include <c10/core/CPUAllocator.h>
 
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -182,11 +184,109 @@ at::Tensor scratch(Slot slot, at::IntArrayRef shape, const at::TensorOptions& op
 
 }  // namespace
 
-void release_workspace() { tl_slots.clear(); }
+// Recycled memory for the tensors a CPU call hands out: outputs, gradients and the saved
+// intermediates, which cannot live in the slots above because their lifetime is the caller's.
+// They were fresh allocations, page-faulted in on first touch whenever glibc had unmapped or
+// trimmed the previous call's blocks: at (256, 50, 256) a forward+backward took 1,300-8,900
+// minor faults, ~1.4 us each (the slow end ran ~10 ms, 8%, behind the same code without them).
+// Here each block of memory stays in a per-thread pool. A tensor handed out owns its own
+// storage, whose deleter (run when the last reference to that storage goes, from any thread)
+// drops the tensor's share of the block: the block is free again once the pool's share is the
+// only one, and goes to the next request of exactly its size (shapes repeat from one training
+// step to the next). The storage is resizable like at::empty's (a resize moves it to the CPU
+// allocator and gives the block back). A free block no request has taken for kPoolMaxIdle
+// requests is dropped, and so are the least recently used once the free ones exceed
+// kPoolMaxFreeBytes, so varying shapes do not pile up memory; release_workspace() drops all.
+// Blocks come from the CPU allocator, so memory profiles count them.
+namespace {
+
+struct PoolBlock {
+  c10::DataPtr mem;
+  int64_t bytes;
+  uint64_t last;  // request clock when last handed out
+};
+
+thread_local std::vector<std::shared_ptr<PoolBlock>> tl_pool;
+thread_local uint64_t tl_pool_clock = 0;
+
+// below this, glibc serves the request from its heap without faults: not worth the bookkeeping
+constexpr int64_t kPoolMinBytes = 64 << 10;
+constexpr uint64_t kPoolMaxIdle = 4096;
+constexpr int64_t kPoolMaxFreeBytes = int64_t(1) << 30;
+
+bool block_free(const std::shared_ptr<PoolBlock>& b) { return b.use_count() == 1; }
+
+void pool_trim(uint64_t now) {
+  int64_t free_bytes = 0;
+  for (size_t i = 0; i < tl_pool.size();) {
+    const auto& b = tl_pool[i];
+    if (block_free(b) && now - b->last > kPoolMaxIdle) {
+      tl_pool.erase(tl_pool.begin() + static_cast<std::ptrdiff_t>(i));
+      continue;
+    }
+    if (block_free(b)) free_bytes += b->bytes;
+    ++i;
+  }
+  while (free_bytes > kPoolMaxFreeBytes) {  // least recently used free block first
+    size_t victim = tl_pool.size();
+    for (size_t i = 0; i < tl_pool.size(); ++i)
+      if (block_free(tl_pool[i]) &&
+          (victim == tl_pool.size() || tl_pool[i]->last < tl_pool[victim]->last))
+        victim = i;
+    if (victim == tl_pool.size()) break;
+    free_bytes -= tl_pool[victim]->bytes;
+    tl_pool.erase(tl_pool.begin() + static_cast<std::ptrdiff_t>(victim));
+  }
+}
+
+}  // namespace
+
+at::Tensor recycled_empty(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  int64_t numel = 1;
+  for (auto s : shape) numel *= s;
+  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(opts.dtype().toScalarType()));
+  if (opts.device().type() != c10::DeviceType::CPU || bytes < kPoolMinBytes)
+    return at::empty(shape, opts);
+  const uint64_t now = ++tl_pool_clock;
+  std::shared_ptr<PoolBlock> block;
+  for (const auto& b : tl_pool)
+    if (b->bytes == bytes && block_free(b)) {
+      block = b;
+      break;
+    }
+  if (!block) {
+    pool_trim(now);  // only when the pool grows: the steady state never scans twice
+    block = std::make_shared<PoolBlock>(
+        PoolBlock{c10::GetCPUAllocator()->allocate(static_cast<size_t>(bytes)), bytes, now});
+    tl_pool.push_back(block);
+  }
+  block->last = now;
+  std::vector<int64_t> strides(shape.size());
+  int64_t st = 1;
+  for (size_t i = shape.size(); i-- > 0;) {
+    strides[i] = st;
+    st *= std::max<int64_t>(shape[i], 1);
+  }
+  void* data = block->mem.get();
+  // the deleter holds the tensor's share of the block; destroying it gives the block back
+  return at::for_blob(data, shape)
+      .strides(strides)
+      .deleter([share = std::move(block)](void*) {})
+      .options(opts)
+      .allocator(c10::GetCPUAllocator())
+      .resizeable_storage()
+      .make_tensor();
+}
+
+void release_workspace() {
+  tl_slots.clear();
+  tl_pool.clear();  // blocks still in use live on with their tensors
+}
 
 int64_t workspace_bytes() {
   int64_t n = 0;
   for (const auto& t : tl_slots) n += t.defined() ? t.numel() : 0;
+  for (const auto& b : tl_pool) n += b->bytes;
   return n;
 }
 
@@ -208,7 +308,7 @@ struct Rows {
   // (about 45 MB of zero-fill per forward at (256, 50, 256), 3 ms).
   at::Tensor packed(int64_t cols, const at::TensorOptions& opts, at::Tensor& top,
                     bool zero_tail) const {
-    at::Tensor t = at::empty({total, cols}, opts);
+    at::Tensor t = recycled_empty({total, cols}, opts);
     top = t.narrow(0, 0, n);
     if (zero_tail && n < total) t.narrow(0, n, total - n).zero_();
     return t;
@@ -233,7 +333,7 @@ struct Rows {
   // The full (total, cols) tensor with c's rows at idx and zeros elsewhere.
   at::Tensor scatter(const at::Tensor& c) const {
     if (!compact()) return c;
-    at::Tensor out = at::empty({total, c.size(1)}, c.options());
+    at::Tensor out = recycled_empty({total, c.size(1)}, c.options());
     scatter_into(c, out);
     return out;
   }
@@ -256,6 +356,13 @@ struct Rows {
     });
   }
 };
+
+// a b in a recycled tensor (at::mm would allocate a fresh one)
+at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = recycled_empty({a.size(0), b.size(1)}, a.options());
+  at::mm_out(out, a, b);
+  return out;
+}
 
 // Above this active fraction the gathers and scatters cost more than the rows they save; below
 // this many rows the extra op dispatches do.
@@ -374,8 +481,8 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
   at::addmm_out(kv_c, at::cat({bk, bv}), kr.gather(xb, kSlotA), at::cat({wk, wv}).t());
   at::Tensor o = qr.packed(d, opts, o_c, zero_tails);
   // the kernel writes the rows it computes: +inf marks the others (no visible key)
-  at::Tensor lse = qr.compact() ? at::full({N, dm.H}, std::numeric_limits<double>::infinity(), acc_opts)
-                                : at::empty({N, dm.H}, acc_opts);
+  at::Tensor lse = recycled_empty({N, dm.H}, acc_opts);
+  if (qr.compact()) lse.fill_(std::numeric_limits<double>::infinity());
   {
     RECORD_FUNCTION("gca::attn_fwd", std::vector<c10::IValue>());  // named in profiles
     K.attn_fwd(q, kv, opt(kpm), opt(am), o, lse, dmc);
@@ -386,7 +493,7 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
   at::Tensor xp_c, g_c;
   at::Tensor xp = qr.packed(d, opts, xp_c, zero_tails);
   at::mm_out(xp_c, o_c, wo.t());
-  at::Tensor cos = at::empty({N}, opts);
+  at::Tensor cos = recycled_empty({N}, opts);
   {
     RECORD_FUNCTION("gca::xprime_fwd", std::vector<c10::IValue>());  // named in profiles
     K.xprime_fwd(xp, bo, lse, xa, cos, dmc);
@@ -403,9 +510,10 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
   }
   at::Tensor g = qr.packed(d, opts, g_c, zero_tails);
   at::mm_out(g_c, h_c, w2.t());  // + b2 in the row kernel below
-  at::Tensor y = at::empty({N, d}, opts);
+  at::Tensor y = recycled_empty({N, d}, opts);
   const bool ln = ln_w.has_value();
-  at::Tensor mean = at::empty({ln ? N : 0}, acc_opts), rstd = at::empty({ln ? N : 0}, acc_opts);
+  at::Tensor mean = recycled_empty({ln ? N : 0}, acc_opts),
+             rstd = recycled_empty({ln ? N : 0}, acc_opts);
   {
     RECORD_FUNCTION("gca::gate_out_fwd", std::vector<c10::IValue>());  // named in profiles
     K.gate_out_fwd(xa, xp, g, b2, opt(ln_w), opt(ln_b), y, mean, rstd, act, ln_eps, dmc);
@@ -452,7 +560,7 @@ std::vector<at::Tensor> gca_backward(
 
   // dg_pre and dxp exist on the rows x' is stored on (packed like it on the compact path)
   at::Tensor dg_pre = scratch(kSlotA, {qr.n, d}, opts), dxp = scratch(kSlotB, {qr.n, d}, opts),
-             dxa = at::empty({N, d}, opts);
+             dxa = recycled_empty({N, d}, opts);
   at::Tensor dln_w = at::empty({ln ? d : 0}, opts), dln_b = at::empty({ln ? d : 0}, opts),
              db2 = at::empty({d}, opts);
   {
@@ -466,7 +574,7 @@ std::vector<at::Tensor> gca_backward(
   // the peak below eager's).
   // dg_pre is dz * x' * act': zero on the rows without a visible key, which the compact path skips.
   const at::Tensor h_c = h.narrow(0, 0, qr.n);
-  at::Tensor dw2 = dg_pre.t().mm(h_c);
+  at::Tensor dw2 = product(dg_pre.t(), h_c);
   at::Tensor dh = scratch(kSlotC, {qr.n, hid}, opts);
   at::mm_out(dh, dg_pre, w2);
   at::Tensor db1 = at::empty({hid}, opts);
@@ -476,7 +584,7 @@ std::vector<at::Tensor> gca_backward(
   }
   const at::Tensor xa_c = qr.gather(xa, kSlotXa);
   // dW1's two column halves written in place (strided outputs), not concatenated afterwards
-  at::Tensor dw1 = at::empty({hid, 2 * d}, opts);
+  at::Tensor dw1 = recycled_empty({hid, 2 * d}, opts);
   {
     at::Tensor dw1a = dw1.narrow(1, 0, d), dw1b = dw1.narrow(1, d, d);
     at::mm_out(dw1a, dh.t(), xa_c);
@@ -499,7 +607,8 @@ std::vector<at::Tensor> gca_backward(
     RECORD_FUNCTION("gca::col_sum", std::vector<c10::IValue>());  // named in profiles
     K.col_sum(dxp, dbo);
   }
-  at::Tensor dwo = dxp.t().mm(o.narrow(0, 0, qr.n));  // o packed like x' on the compact path
+  // o packed like x' on the compact path
+  at::Tensor dwo = product(dxp.t(), o.narrow(0, 0, qr.n));
   at::Tensor dout = at::mm_out(dg_pre, dxp, wo);  // dg_pre is dead: its buffer takes d(o)
   at::Tensor dq = std::move(dxp);                 // dxp dies as d(o) is formed: dq takes it
   at::Tensor dkv = scratch(kSlotDkv, {kr.n, 2 * d}, opts);  // compact: unpadded keys only
@@ -513,7 +622,7 @@ std::vector<at::Tensor> gca_backward(
   dxp.reset();
 
   at::Tensor dq_c = std::move(dq);  // compact on the compact path
-  at::Tensor dwq = dq_c.t().mm(xa_c);
+  at::Tensor dwq = product(dq_c.t(), xa_c);
   at::Tensor dbq = at::empty({d}, opts);
   {
     RECORD_FUNCTION("gca::col_sum", std::vector<c10::IValue>());  // named in profiles
@@ -528,7 +637,7 @@ std::vector<at::Tensor> gca_backward(
   }
   dq_c.reset();
   at::Tensor dkv_c = std::move(dkv);
-  at::Tensor dwkv = dkv_c.t().mm(kr.gather(xb, kSlotA));  // d(o)'s slot is free again
+  at::Tensor dwkv = product(dkv_c.t(), kr.gather(xb, kSlotA));  // d(o)'s slot is free again
   at::Tensor dbkv = at::empty({2 * d}, opts);
   {
     RECORD_FUNCTION("gca::col_sum", std::vector<c10::IValue>());  // named in profiles
@@ -542,14 +651,17 @@ std::vector<at::Tensor> gca_backward(
     at::mm_out(dxb_c, dkv_c, wkv);
     dxb = kr.scatter(dxb_c);
   } else {
-    dxb = dkv_c.mm(wkv);
+    dxb = product(dkv_c, wkv);
   }
   // custom ops may not return aliasing outputs: split the stacked k/v gradients into copies
   // (two d x d copies cost less than a second pass over the rows that separate products of dk
   // and dv would need: measured)
+  const auto half = [&](const at::Tensor& t, int64_t i) {
+    const at::Tensor part = t.narrow(0, i * d, d);
+    return recycled_empty(part.sizes(), opts).copy_(part);
+  };
   return {dxa.view({dm.B, dm.La, d}), dxb.view({dm.B, dm.Lb, d}), dwq, dbq,
-          dwkv.narrow(0, 0, d).clone(), dbkv.narrow(0, 0, d).clone(),
-          dwkv.narrow(0, d, d).clone(), dbkv.narrow(0, d, d).clone(), dwo, dbo, dw1, db1, dw2,
+          half(dwkv, 0), half(dbkv, 0), half(dwkv, 1), half(dbkv, 1), dwo, dbo, dw1, db1, dw2,
           db2, dln_w, dln_b};
 }
 

@@ -126,6 +126,10 @@ int64_t check_cos_args(const char* fn, c10::DeviceType dev,
                        const std::vector<at::ScalarType>& dtypes, const at::Tensor& x,
                        const at::Tensor& y, const OptT& mask);
 
+// An uninitialised contiguous tensor like at::empty whose CPU memory is recycled from earlier
+// calls once nothing refers to it any more (see gca_core.cpp); at::empty elsewhere.
+at::Tensor recycled_empty(at::IntArrayRef shape, const at::TensorOptions& opts);
+
 // The calling thread's scratch memory for the CPU temporaries (kept between calls): its size in
 // bytes, and a call that frees it.
 int64_t workspace_bytes();

@@ -102,12 +102,15 @@ def available_backends() -> List[str]:
 
 
 def release_cpu_workspace() -> int:
-    """Free the scratch memory the ``cpp`` backend keeps between calls on the calling thread.
+    """Free the memory the ``cpp`` backend keeps between calls on the calling thread.
 
     The C++ backend keeps the temporaries of a call (gathered rows, intermediate gradients) in
-    per-thread buffers sized by the largest call so far, instead of fresh allocations that the
-    C library hands back to the OS and page-faults in again on every call. Returns the number of
-    bytes freed (0 when the extension was never loaded).
+    per-thread buffers sized by the largest call so far, and recycles the memory of what it
+    hands out (outputs, gradients, saved intermediates) through a per-thread pool, instead of
+    fresh allocations that the C library hands back to the OS and page-faults in again on every
+    call. Returns the number of bytes held before the call (blocks of the pool still in use by
+    live tensors stay with them and are freed when those tensors go; 0 when the extension was
+    never loaded).
     """
     ext = sys.modules.get("gca_kernels._C")
     if ext is None:

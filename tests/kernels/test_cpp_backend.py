@@ -194,6 +194,38 @@ def test_scratch_memory_is_reused_across_calls_without_aliasing_results():
     assert _C.workspace_bytes() == 0 and gca_kernels.release_cpu_workspace() == 0
 
 
+def test_recycled_outputs_never_alias_live_tensors_and_come_back_once_dropped():
+    # Outputs, gradients and saved intermediates of 64 KiB and more come from a per-thread pool
+    # (recycled_empty in csrc/gca_core.cpp): a buffer is handed out again only once nothing
+    # refers to it, and then instead of a fresh allocation.
+    p = cast_problem(left_padded_problem(**COMPACT_CASES["wide-head"]), torch.float32)
+    gca_kernels.release_cpu_workspace()
+    first = run(p, "cpp")
+    assert max(v.numel() * v.element_size() for v in first.values()) >= 64 << 10
+    snapshot = {k: v.clone() for k, v in first.items()}
+    second = run(p, "cpp")  # every tensor of the first call is still alive
+    # (untyped_storage() gives the storage a Python object of its own: this must not keep
+    # the memory from coming back either)
+    storages = lambda out: {v.untyped_storage().data_ptr() for v in out.values()}  # noqa: E731
+    assert not storages(first) & storages(second)
+    for k in first:
+        assert torch.equal(first[k], snapshot[k]), k
+        assert torch.equal(second[k], snapshot[k]), k
+    held = _C.workspace_bytes()
+    del first
+    third = run(p, "cpp")  # takes the first call's memory back: the pool does not grow
+    assert _C.workspace_bytes() == held
+    assert not storages(second) & storages(third)
+    for k in third:
+        assert torch.equal(third[k], snapshot[k]), k
+    # storages stay resizable, like at::empty's
+    y = third.pop("y")
+    y.resize_(2 * y.numel())
+    assert torch.equal(y[: snapshot["y"].numel()].view_as(snapshot["y"]), snapshot["y"])
+    assert gca_kernels.release_cpu_workspace() == held and _C.workspace_bytes() == 0
+    assert torch.equal(second["d_x_a"], snapshot["d_x_a"])  # released blocks live on in use
+
+
 @pytest.mark.parametrize("case", [Case(2, 3, 4, 8, 2, "tanh", causal="3d", full_pad_row=True),
                                   Case(1, 4, 3, 6, 1, "sigmoid", layer_norm=False, masked_query=True)],
                          ids=str)
