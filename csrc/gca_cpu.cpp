@@ -125,14 +125,55 @@ inline int64_t round_up(int64_t n) { return (n + kW - 1) / kW * kW; }
 // Query rows per group in the attention kernels (the register tiles are written for four).
 constexpr int64_t kG = 4;
 
-// t[c * ld + j] = rows[j * rs + c] for c < n, j < nk, and 0 for nk <= j < ld: the block's keys
-// (and values) transposed, so that scores are loops along the keys (vectorised, no horizontal
-// sums; with dh = 32 a dot product per key spent most of its time reducing its vector).
+#define GCA_TILE_INLINE __attribute__((always_inline)) inline
+
+// 16 x 16 float block transposed in registers: four rounds of zips (row 2i, 2i+1 <- the
+// interleaved halves of rows i and i + 8) take row r to column r. GCC lowers each zip to one
+// two-source permute (vpermt2ps) in the AVX-512 clone.
+typedef float V16f __attribute__((vector_size(64)));
+typedef int32_t V16i __attribute__((vector_size(64)));
+
+GCA_TILE_INLINE void transpose16(V16f* r) {
+  const V16i lo = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+  const V16i hi = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  for (int round = 0; round < 4; ++round) {
+    V16f t[16];
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = __builtin_shuffle(r[i], r[i + 8], lo);
+      t[2 * i + 1] = __builtin_shuffle(r[i], r[i + 8], hi);
+    }
+    for (int i = 0; i < 16; ++i) r[i] = t[i];
+  }
+}
+
+// t[c * ld + j] = rows[j * rs + c] for c < n, j < nk, and 0 for nk <= j < ld (ld a multiple of
+// kW): the block's keys (and values) transposed, so that scores are loops along the keys
+// (vectorised, no horizontal sums; with dh = 32 a dot product per key spent most of its time
+// reducing its vector). float: 16 x 16 tiles through registers (element by element, the
+// strided reads made this copy ~0.9 ms of the forward and ~1.4 ms of the backward at
+// (256, 50, 256)); the columns past the last whole tile, and double, go element by element.
 template <typename T, typename A>
-inline void transpose_block(const T* rows, int64_t nk, int64_t rs, int64_t n, int64_t ld, A* t) {
+GCA_TILE_INLINE void transpose_block(const T* rows, int64_t nk, int64_t rs, int64_t n, int64_t ld,
+                                     A* t) {
+  int64_t c0 = 0;
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
+    for (; c0 + 16 <= n; c0 += 16) {
+      for (int64_t j0 = 0; j0 < ld; j0 += 16) {
+        V16f r[16];
+        for (int64_t i = 0; i < 16; ++i) {
+          if (j0 + i < nk)
+            std::memcpy(&r[i], rows + (j0 + i) * rs + c0, sizeof(V16f));
+          else
+            r[i] = V16f{};
+        }
+        transpose16(r);
+        for (int64_t i = 0; i < 16; ++i) std::memcpy(t + (c0 + i) * ld + j0, &r[i], sizeof(V16f));
+      }
+    }
+  }
   // row by row of t: its writes are contiguous and only the reads stride (written column by
   // column, the strided stores made this copy 12% of the backward kernel)
-  for (int64_t c = 0; c < n; ++c) {
+  for (int64_t c = c0; c < n; ++c) {
     A* tc = t + c * ld;
     for (int64_t j = 0; j < nk; ++j) tc[j] = static_cast<A>(rows[j * rs + c]);
     for (int64_t j = nk; j < ld; ++j) tc[j] = A(0);
@@ -189,9 +230,8 @@ inline int64_t next_query_group(const Dims& dm, int64_t b, int64_t& i, const boo
 // small products over all of the batch row's query rows with the sums held in registers.
 // (Replaced per-row kernels, which loaded two values per FMA and, at dh = 128, streamed the key
 // block from L2 once per query row: attention at (128, 200, 128) 8.3 + 16.0 -> 6.1 + 11.1 ms.)
-// always_inline: the callers are target_clones, which GCC does not inline plain functions into.
-
-#define GCA_TILE_INLINE __attribute__((always_inline)) inline
+// always_inline (GCA_TILE_INLINE): the callers are target_clones, which GCC does not inline
+// plain functions into.
 
 // s_g[j] = sum_c (x_g[c] a) t[c * ld + j] for the four rows g, j in [lo, hi) (multiples of kW):
 // a 4-row x 2-block tile of sums in registers, one chain per (row, key) in c order, so a row's

@@ -26,7 +26,7 @@ from gca_kernels.ops import cpp as cpp_ops  # noqa: E402
 
 _C = cpp_ops._C
 
-# La != Lb, odd lengths, d in {16, 48, 80, 96, 128}, 1..8 heads, both activations, LN on/off,
+# La != Lb, odd lengths, d in {16, 20, 48, 80, 96, 128}, 1..8 heads, both activations, LN on/off,
 # padding, 2-D/3-D causal masks, fully masked query rows, fully padded batch rows. The head
 # widths (2 to 128) take every path of the attention tiles: whole pairs of 16-column chunks, a
 # single chunk after them (dh 48), and the scalar tail of widths that are not a multiple of 16.
@@ -41,6 +41,9 @@ CASES = [
     Case(2, 33, 1, 80, 4, "sigmoid", full_pad_row=True),
     Case(1, 7, 9, 16, 8, "sigmoid", layer_norm=False, masked_query=True),
     Case(3, 37, 35, 96, 2, "sigmoid", causal="3d", masked_query=True),
+    # d 20: the key/value transposes take 16 x 16 register tiles and an element-wise tail
+    # (4 columns forward, 8 backward), over three key tiles, the last one partial
+    Case(2, 9, 37, 20, 2, "tanh", causal="2d", masked_query=True),
 ]
 
 
