@@ -7,7 +7,7 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gca_kernels C++ (CPU) backend: fused GCA and cosine-alignment, ATen + OpenMP";
   m.def("gca_fwd", &gca::gca_fwd_cpu,
-        "GCA forward: (y, cos, q, kv, o, lse, xp, h, g, mean, rstd)");
+        "GCA forward: (y, cos, q, kv, o, lse, xp, h, g, mean, rstd, xa_g, xb_g)");
   m.def("gca_bwd", &gca::gca_bwd_cpu,
         "GCA backward: gradients of x_a, x_b, the 12 weights/biases and ln_w/ln_b");
   m.def("cos_fwd", &gca::cos_fwd_cpu, "cosine alignment forward (0-dim)");

@@ -314,12 +314,21 @@ struct Rows {
     return t;
   }
 
-  // t's rows at idx, (n, cols), in a scratch slot. Row copies in one parallel pass (t
-  // contiguous, on the CPU).
+  // t's rows at idx, (n, cols), in a scratch slot.
   at::Tensor gather(const at::Tensor& t, Slot slot) const {
     if (!compact()) return t;
+    return gather_into(t, scratch(slot, {n, t.size(1)}, t.options()));
+  }
+
+  // The same rows in a tensor of their own (kept past the call).
+  at::Tensor gather_kept(const at::Tensor& t) const {
+    if (!compact()) return t;
+    return gather_into(t, recycled_empty({n, t.size(1)}, t.options()));
+  }
+
+  // Row copies in one parallel pass (t contiguous, on the CPU).
+  at::Tensor gather_into(const at::Tensor& t, at::Tensor out) const {
     RECORD_FUNCTION("gca::gather_rows", std::vector<c10::IValue>());
-    at::Tensor out = scratch(slot, {n, t.size(1)}, t.options());
     const int64_t row = t.size(1) * t.element_size();
     const char* src = static_cast<const char*>(t.data_ptr());
     char* dst = static_cast<char*>(out.data_ptr());
@@ -489,7 +498,7 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
                                     const at::Tensor& w2, const at::Tensor& b2,
                                     const OptT& ln_w, const OptT& ln_b, const OptT& kpm,
                                     const OptT& am, int64_t n_heads, int64_t act, double ln_eps,
-                                    bool zero_tails) {
+                                    bool custom_op) {
   const Dims dm = check_gca_args(fn, dev, dtypes, x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1,
                                  b1, w2, b2, ln_w, ln_b, kpm, am, n_heads, act);
   const int64_t N = dm.B * dm.La, M = dm.B * dm.Lb, d = dm.d;
@@ -502,15 +511,20 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
   // On the compact path q, o and h hold the active query rows packed at their top, kv the
   // unpadded keys (the kernels index them through the row maps of dmc); the rest is zero.
   const Dims dmc = compact_dims(dm, qr, kr);
-  const at::Tensor xa_c = qr.gather(xa, kSlotXa);
+  // The gathered input rows go to the backward, which would otherwise gather them again (two
+  // of the four gathers, ~0.25 ms each at (256, 50, 64)). Not from the custom op: its outputs'
+  // shapes must be known before the call, so there they are (0, d) and the backward gathers.
+  const bool keep_rows = !custom_op;
+  const at::Tensor xa_c = keep_rows ? qr.gather_kept(xa) : qr.gather(xa, kSlotXa);
+  const at::Tensor xb_c = keep_rows ? kr.gather_kept(xb) : kr.gather(xb, kSlotA);
   at::Tensor q_c, kv_c, o_c, h_c;
-  at::Tensor q = qr.packed(d, opts, q_c, zero_tails);
+  at::Tensor q = qr.packed(d, opts, q_c, custom_op);
   at::addmm_out(q_c, bq, xa_c, wq.t());
   // k and v come from the same input: one product against the stacked weights (two products
   // into kv's column halves read x_b twice and copy the bias twice: measured slower)
-  at::Tensor kv = kr.packed(2 * d, opts, kv_c, zero_tails);
-  at::addmm_out(kv_c, at::cat({bk, bv}), kr.gather(xb, kSlotA), at::cat({wk, wv}).t());
-  at::Tensor o = qr.packed(d, opts, o_c, zero_tails);
+  at::Tensor kv = kr.packed(2 * d, opts, kv_c, custom_op);
+  at::addmm_out(kv_c, at::cat({bk, bv}), xb_c, at::cat({wk, wv}).t());
+  at::Tensor o = qr.packed(d, opts, o_c, custom_op);
   // the kernel writes the rows it computes: +inf marks the others (no visible key)
   at::Tensor lse = recycled_empty({N, dm.H}, acc_opts);
   if (qr.compact()) lse.fill_(std::numeric_limits<double>::infinity());
@@ -522,7 +536,7 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
   // x' = o Wo^T, the bias added by the row kernel only where a key was seen (x' = 0 elsewhere;
   // on the compact path those rows are not stored: x' is packed like q, and so is g)
   at::Tensor xp_c, g_c;
-  at::Tensor xp = qr.packed(d, opts, xp_c, zero_tails);
+  at::Tensor xp = qr.packed(d, opts, xp_c, custom_op);
   at::mm_out(xp_c, o_c, wo.t());
   at::Tensor cos = recycled_empty({N}, opts);
   {
@@ -532,14 +546,14 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
 
   // The gate only matters where x' != 0 (z = x_a + g * x'): on the compact path h and g hold
   // the active rows packed at their top.
-  at::Tensor h = qr.packed(dm.hidden, opts, h_c, zero_tails);
+  at::Tensor h = qr.packed(dm.hidden, opts, h_c, custom_op);
   at::mm_out(h_c, xa_c, w1.narrow(1, 0, d).t());
   h_c.addmm_(xp_c, w1.narrow(1, d, d).t());
   {  // one pass (a bias copy before the product and a ReLU pass were two)
     RECORD_FUNCTION("gca::bias_relu", std::vector<c10::IValue>());  // named in profiles
     K.bias_relu(h_c, b1);
   }
-  at::Tensor g = qr.packed(d, opts, g_c, zero_tails);
+  at::Tensor g = qr.packed(d, opts, g_c, custom_op);
   at::mm_out(g_c, h_c, w2.t());  // + b2 in the row kernel below
   at::Tensor y = recycled_empty({N, d}, opts);
   const bool ln = ln_w.has_value();
@@ -549,7 +563,11 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
     RECORD_FUNCTION("gca::gate_out_fwd", std::vector<c10::IValue>());  // named in profiles
     K.gate_out_fwd(xa, xp, g, b2, opt(ln_w), opt(ln_b), y, mean, rstd, act, ln_eps, dmc);
   }
-  return {y.view({dm.B, dm.La, d}), cos.view({dm.B, dm.La}), q, kv, o, lse, xp, h, g, mean, rstd};
+  const auto kept = [&](const Rows& r, const at::Tensor& rows) {
+    return keep_rows && r.compact() ? rows : at::empty({0, d}, opts);
+  };
+  return {y.view({dm.B, dm.La, d}), cos.view({dm.B, dm.La}), q, kv, o, lse, xp, h, g, mean, rstd,
+          kept(qr, xa_c), kept(kr, xb_c)};
 }
 
 std::vector<at::Tensor> gca_backward(
@@ -561,8 +579,8 @@ std::vector<at::Tensor> gca_backward(
     const at::Tensor& w2, const at::Tensor& b2, const OptT& ln_w, const OptT& ln_b,
     const OptT& kpm, const OptT& am, const at::Tensor& q, const at::Tensor& kv,
     const at::Tensor& o, const at::Tensor& lse, const at::Tensor& xp, const at::Tensor& h,
-    const at::Tensor& g, const at::Tensor& mean, const at::Tensor& rstd, int64_t n_heads,
-    int64_t act, double ln_eps) {
+    const at::Tensor& g, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& xa_g,
+    const at::Tensor& xb_g, int64_t n_heads, int64_t act, double ln_eps) {
   const Dims dm = check_gca_args(fn, dev, dtypes, x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1,
                                  b1, w2, b2, ln_w, ln_b, kpm, am, n_heads, act);
   const int64_t N = dm.B * dm.La, M = dm.B * dm.Lb, d = dm.d, hid = dm.hidden;
@@ -588,6 +606,11 @@ std::vector<at::Tensor> gca_backward(
   const Rows qr = active_query_rows(dev, opt(kpm), opt(am), dm);
   const Rows kr = active_key_rows(dev, opt(kpm), dm);
   const Dims dmc = compact_dims(dm, qr, kr);
+  // the forward's gathered input rows, or (0, d): gathered here
+  TORCH_CHECK(xa_g.dim() == 2 && xa_g.size(1) == d && (xa_g.size(0) == 0 || (qr.compact() && xa_g.size(0) == qr.n)) &&
+                  xb_g.dim() == 2 && xb_g.size(1) == d && (xb_g.size(0) == 0 || (kr.compact() && xb_g.size(0) == kr.n)),
+              fn, ": xa_g ", shape_str(xa_g), " and xb_g ", shape_str(xb_g),
+              " must be the forward's gathered rows or empty (0, d)");
 
   // dg_pre and dxp exist on the rows x' is stored on (packed like it on the compact path)
   at::Tensor dg_pre = scratch(kSlotA, {qr.n, d}, opts), dxp = scratch(kSlotB, {qr.n, d}, opts),
@@ -613,7 +636,7 @@ std::vector<at::Tensor> gca_backward(
     RECORD_FUNCTION("gca::relu_bwd_sum", std::vector<c10::IValue>());  // named in profiles
     K.relu_bwd_sum(dh, h_c, db1);  // relu': h was stored post-relu
   }
-  const at::Tensor xa_c = qr.gather(xa, kSlotXa);
+  const at::Tensor xa_c = xa_g.size(0) ? xa_g : qr.gather(xa, kSlotXa);
   // dW1's two column halves written in place (strided outputs), not concatenated afterwards
   at::Tensor dw1 = recycled_empty({hid, 2 * d}, opts);
   {
@@ -668,7 +691,8 @@ std::vector<at::Tensor> gca_backward(
   }
   dq_c.reset();
   at::Tensor dkv_c = std::move(dkv);
-  at::Tensor dwkv = weight_grad(dkv_c, kr.gather(xb, kSlotA));  // d(o)'s slot is free again
+  // (d(o)'s slot is free again for the gather)
+  at::Tensor dwkv = weight_grad(dkv_c, xb_g.size(0) ? xb_g : kr.gather(xb, kSlotA));
   at::Tensor dbkv = at::empty({2 * d}, opts);
   {
     RECORD_FUNCTION("gca::col_sum", std::vector<c10::IValue>());  // named in profiles

@@ -93,7 +93,10 @@ Dims check_gca_args(const char* fn, c10::DeviceType dev, const std::vector<at::S
                     const OptT& ln_b, const OptT& kpm, const OptT& am, int64_t n_heads,
                     int64_t act);
 
-// Returns y, cos, and what the backward needs: q, kv, o, lse, xp, h, g, mean, rstd.
+// Returns y, cos, and what the backward needs: q, kv, o, lse, xp, h, g, mean, rstd, and the
+// gathered rows of x_a and x_b on the CPU's compact path ((0, d) elsewhere, and always when
+// custom_op: a custom op's outputs have shapes known in advance and deterministic contents,
+// so the unused rows of the packed intermediates are zeroed too).
 std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::DeviceType dev,
                                     const std::vector<at::ScalarType>& dtypes,
                                     const at::Tensor& x_a, const at::Tensor& x_b,
@@ -105,7 +108,7 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
                                     const at::Tensor& w2, const at::Tensor& b2,
                                     const OptT& ln_w, const OptT& ln_b, const OptT& kpm,
                                     const OptT& am, int64_t n_heads, int64_t act, double ln_eps,
-                                    bool zero_tails);
+                                    bool custom_op);
 
 // Returns dx_a, dx_b, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dw1, db1, dw2, db2, dln_w, dln_b
 // (the last two empty when LayerNorm is off).
@@ -118,8 +121,8 @@ std::vector<at::Tensor> gca_backward(
     const at::Tensor& w2, const at::Tensor& b2, const OptT& ln_w, const OptT& ln_b,
     const OptT& kpm, const OptT& am, const at::Tensor& q, const at::Tensor& kv,
     const at::Tensor& o, const at::Tensor& lse, const at::Tensor& xp, const at::Tensor& h,
-    const at::Tensor& g, const at::Tensor& mean, const at::Tensor& rstd, int64_t n_heads,
-    int64_t act, double ln_eps);
+    const at::Tensor& g, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& xa_g,
+    const at::Tensor& xb_g, int64_t n_heads, int64_t act, double ln_eps);
 
 // Shared checks of the cosine-alignment entry points; returns the number of rows.
 int64_t check_cos_args(const char* fn, c10::DeviceType dev,

@@ -1009,10 +1009,10 @@ std::vector<at::Tensor> gca_fwd_cpu(const at::Tensor& x_a, const at::Tensor& x_b
                                     const at::Tensor& w1, const at::Tensor& b1,
                                     const at::Tensor& w2, const at::Tensor& b2, const OptT& ln_w,
                                     const OptT& ln_b, const OptT& kpm, const OptT& am,
-                                    int64_t n_heads, int64_t act, double ln_eps, bool zero_tails) {
+                                    int64_t n_heads, int64_t act, double ln_eps, bool custom_op) {
   return gca_forward(kCpuKernels, "gca_fwd (cpp)", c10::DeviceType::CPU, kCpuDtypes, x_a, x_b,
                      wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b, kpm, am, n_heads,
-                     act, ln_eps, zero_tails);
+                     act, ln_eps, custom_op);
 }
 
 std::vector<at::Tensor> gca_bwd_cpu(
@@ -1023,10 +1023,10 @@ std::vector<at::Tensor> gca_bwd_cpu(
     const OptT& ln_w, const OptT& ln_b, const OptT& kpm, const OptT& am, const at::Tensor& q,
     const at::Tensor& kv, const at::Tensor& o, const at::Tensor& lse, const at::Tensor& xp,
     const at::Tensor& h, const at::Tensor& g, const at::Tensor& mean, const at::Tensor& rstd,
-    int64_t n_heads, int64_t act, double ln_eps) {
+    const at::Tensor& xa_g, const at::Tensor& xb_g, int64_t n_heads, int64_t act, double ln_eps) {
   return gca_backward(kCpuKernels, "gca_bwd (cpp)", c10::DeviceType::CPU, kCpuDtypes, dy, dcos,
                       x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b, kpm,
-                      am, q, kv, o, lse, xp, h, g, mean, rstd, n_heads, act, ln_eps);
+                      am, q, kv, o, lse, xp, h, g, mean, rstd, xa_g, xb_g, n_heads, act, ln_eps);
 }
 
 }  // namespace gca

@@ -448,12 +448,12 @@ std::vector<at::Tensor> gca_fwd_cuda(const at::Tensor& x_a, const at::Tensor& x_
                                      const at::Tensor& w1, const at::Tensor& b1,
                                      const at::Tensor& w2, const at::Tensor& b2, const OptT& ln_w,
                                      const OptT& ln_b, const OptT& kpm, const OptT& am,
-                                     int64_t n_heads, int64_t act, double ln_eps, bool zero_tails) {
+                                     int64_t n_heads, int64_t act, double ln_eps, bool custom_op) {
   TORCH_CHECK(x_a.is_cuda(), "gca_fwd (cuda): x_a must be a CUDA tensor, got one on ", x_a.device());
   const c10::cuda::CUDAGuard guard(x_a.device());
   return gca_forward(kCudaKernels, "gca_fwd (cuda)", c10::DeviceType::CUDA, kCudaDtypes, x_a,
                      x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b, kpm, am,
-                     n_heads, act, ln_eps, zero_tails);
+                     n_heads, act, ln_eps, custom_op);
 }
 
 std::vector<at::Tensor> gca_bwd_cuda(
@@ -464,12 +464,12 @@ std::vector<at::Tensor> gca_bwd_cuda(
     const OptT& ln_w, const OptT& ln_b, const OptT& kpm, const OptT& am, const at::Tensor& q,
     const at::Tensor& kv, const at::Tensor& o, const at::Tensor& lse, const at::Tensor& xp,
     const at::Tensor& h, const at::Tensor& g, const at::Tensor& mean, const at::Tensor& rstd,
-    int64_t n_heads, int64_t act, double ln_eps) {
+    const at::Tensor& xa_g, const at::Tensor& xb_g, int64_t n_heads, int64_t act, double ln_eps) {
   TORCH_CHECK(x_a.is_cuda(), "gca_bwd (cuda): x_a must be a CUDA tensor, got one on ", x_a.device());
   const c10::cuda::CUDAGuard guard(x_a.device());
   return gca_backward(kCudaKernels, "gca_bwd (cuda)", c10::DeviceType::CUDA, kCudaDtypes, dy,
                       dcos, x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b,
-                      kpm, am, q, kv, o, lse, xp, h, g, mean, rstd, n_heads, act, ln_eps);
+                      kpm, am, q, kv, o, lse, xp, h, g, mean, rstd, xa_g, xb_g, n_heads, act, ln_eps);
 }
 
 }  // namespace gca

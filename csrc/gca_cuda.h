@@ -13,7 +13,7 @@ std::vector<at::Tensor> gca_fwd_cuda(const at::Tensor& x_a, const at::Tensor& x_
                                      const at::Tensor& w1, const at::Tensor& b1,
                                      const at::Tensor& w2, const at::Tensor& b2, const OptT& ln_w,
                                      const OptT& ln_b, const OptT& kpm, const OptT& am,
-                                     int64_t n_heads, int64_t act, double ln_eps, bool zero_tails);
+                                     int64_t n_heads, int64_t act, double ln_eps, bool custom_op);
 
 std::vector<at::Tensor> gca_bwd_cuda(
     const at::Tensor& dy, const at::Tensor& dcos, const at::Tensor& x_a, const at::Tensor& x_b,
@@ -23,7 +23,7 @@ std::vector<at::Tensor> gca_bwd_cuda(
     const OptT& ln_w, const OptT& ln_b, const OptT& kpm, const OptT& am, const at::Tensor& q,
     const at::Tensor& kv, const at::Tensor& o, const at::Tensor& lse, const at::Tensor& xp,
     const at::Tensor& h, const at::Tensor& g, const at::Tensor& mean, const at::Tensor& rstd,
-    int64_t n_heads, int64_t act, double ln_eps);
+    const at::Tensor& xa_g, const at::Tensor& xb_g, int64_t n_heads, int64_t act, double ln_eps);
 
 at::Tensor cos_fwd_cuda(const at::Tensor& x, const at::Tensor& y, const OptT& mask, bool absolute);
 std::vector<at::Tensor> cos_bwd_cuda(const at::Tensor& gout, const at::Tensor& x,

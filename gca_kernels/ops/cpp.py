@@ -9,8 +9,9 @@ registration: ``torch.compile(fullgraph=True)`` traces through them without grap
 
 The GCA forward returns, besides ``y`` and ``cos``, what its backward needs: q, [k | v], the
 attention output o, the per-(row, head) logsumexp, x', the gate's hidden layer h, the gate g
-and the LayerNorm row statistics. The (B, H, La, Lb) probabilities are never stored; the
-backward recomputes them from q, k and the logsumexp.
+and the LayerNorm row statistics; called directly rather than through the custom op, also the
+gathered input rows of the CPU's compact path. The (B, H, La, Lb) probabilities are never
+stored; the backward recomputes them from q, k and the logsumexp.
 
 Importing this module registers whichever of ``cpp``/``cuda`` was built; if neither was, it
 raises ImportError saying how to build them (caught by the backend loader).
@@ -77,8 +78,8 @@ def _define_ops(prefix: str, ext):
                 w2: Tensor, b2: Tensor, ln_w: Optional[Tensor], ln_b: Optional[Tensor],
                 key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], n_heads: int,
                 activation: int, ln_eps: float) -> List[Tensor]:
-        # zero_tails: the unused rows of the saved intermediates are zeroed (op outputs must be
-        # deterministic)
+        # custom_op: the unused rows of the saved intermediates are zeroed (op outputs must be
+        # deterministic) and the gathered input rows are not kept (shapes must be static)
         return ext.gca_fwd(x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b,
                            key_padding_mask, attn_mask, n_heads, activation, ln_eps, True)
 
@@ -93,7 +94,7 @@ def _define_ops(prefix: str, ext):
         n_ln = N if ln_w is not None else 0
         return [e(B, La, d), e(B, La), e(N, d), e(M, 2 * d), e(N, d),
                 e(N, n_heads, dtype=acc), e(N, d), e(N, hid), e(N, d),
-                e(n_ln, dtype=acc), e(n_ln, dtype=acc)]
+                e(n_ln, dtype=acc), e(n_ln, dtype=acc), e(0, d), e(0, d)]
 
     @torch.library.custom_op(f"gca_kernels::{prefix}_gca_bwd", mutates_args=())
     def gca_bwd(dy: Tensor, dcos: Tensor, x_a: Tensor, x_b: Tensor, wq: Tensor, bq: Tensor,
@@ -101,15 +102,15 @@ def _define_ops(prefix: str, ext):
                 w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, ln_w: Optional[Tensor],
                 ln_b: Optional[Tensor], key_padding_mask: Optional[Tensor],
                 attn_mask: Optional[Tensor], q: Tensor, kv: Tensor, o: Tensor, lse: Tensor,
-                xp: Tensor, h: Tensor, g: Tensor, mean: Tensor, rstd: Tensor, n_heads: int,
-                activation: int, ln_eps: float) -> List[Tensor]:
+                xp: Tensor, h: Tensor, g: Tensor, mean: Tensor, rstd: Tensor, xa_g: Tensor,
+                xb_g: Tensor, n_heads: int, activation: int, ln_eps: float) -> List[Tensor]:
         return ext.gca_bwd(dy, dcos, x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2,
                            ln_w, ln_b, key_padding_mask, attn_mask, q, kv, o, lse, xp, h, g,
-                           mean, rstd, n_heads, activation, ln_eps)
+                           mean, rstd, xa_g, xb_g, n_heads, activation, ln_eps)
 
     @gca_bwd.register_fake
     def _(dy, dcos, x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b,
-          key_padding_mask, attn_mask, q, kv, o, lse, xp, h, g, mean, rstd, n_heads,
+          key_padding_mask, attn_mask, q, kv, o, lse, xp, h, g, mean, rstd, xa_g, xb_g, n_heads,
           activation, ln_eps):
         like = [x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2]
         d = x_a.shape[-1]
@@ -119,20 +120,20 @@ def _define_ops(prefix: str, ext):
     def gca_setup_context(ctx, inputs, output):
         (x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b,
          kpm, am, n_heads, activation, ln_eps) = inputs
-        _, _, q, kv, o, lse, xp, h, g, mean, rstd = output
+        _, _, q, kv, o, lse, xp, h, g, mean, rstd, xa_g, xb_g = output
         # Only y and cos carry gradients; without this autograd would allocate and zero-fill a
-        # gradient for each of the nine saved intermediates on every backward (time and memory).
+        # gradient for each of the eleven saved intermediates on every backward (time and memory).
         ctx.set_materialize_grads(False)
         ctx.has_ln = ln_w is not None
         ctx.has_kpm, ctx.has_am = kpm is not None, am is not None
         ctx.meta = (n_heads, activation, ln_eps)
         extra = [t for t in (ln_w, ln_b, kpm, am) if t is not None]
         ctx.save_for_backward(x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2,
-                              q, kv, o, lse, xp, h, g, mean, rstd, *extra)
+                              q, kv, o, lse, xp, h, g, mean, rstd, xa_g, xb_g, *extra)
 
     def gca_backward(ctx, grads):
         saved = list(ctx.saved_tensors)
-        base, stats, extra = saved[:14], saved[14:23], saved[23:]
+        base, stats, extra = saved[:14], saved[14:25], saved[25:]
         ln_w = ln_b = kpm = am = None
         if ctx.has_ln:
             ln_w, ln_b, extra = extra[0], extra[1], extra[2:]
