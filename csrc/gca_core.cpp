@@ -364,6 +364,25 @@ struct Rows {
       }
     });
   }
+
+  // out's rows at idx += c's rows (CPU; each row written by one thread). ATen's index_add_
+  // took 0.31 ms for this at (256, 50, 64), several times the memory traffic's worth.
+  void add_into(const at::Tensor& c, at::Tensor& out) const {
+    RECORD_FUNCTION("gca::add_rows", std::vector<c10::IValue>());
+    const int64_t cols = c.size(1);
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "gca_add_rows", [&] {
+      const scalar_t* src = c.data_ptr<scalar_t>();
+      scalar_t* dst = out.data_ptr<scalar_t>();
+      at::parallel_for(0, n, 64, [&](int64_t c0, int64_t c1) {
+        for (int64_t r = c0; r < c1; ++r) {
+          scalar_t* o = dst + ip[r] * cols;
+          const scalar_t* a = src + r * cols;
+          for (int64_t k = 0; k < cols; ++k) o[k] += a[k];
+        }
+      });
+    });
+  }
 };
 
 // a b in a recycled tensor (at::mm would allocate a fresh one)
@@ -684,7 +703,7 @@ std::vector<at::Tensor> gca_backward(
   }
   if (qr.compact()) {
     dxa_c.addmm_(dq_c, wq);
-    dxa.index_add_(0, qr.idx, dxa_c);
+    qr.add_into(dxa_c, dxa);
     dxa_c.reset();
   } else {
     dxa.addmm_(dq_c, wq);
