@@ -73,17 +73,29 @@ __attribute__((always_inline)) inline float vexp<float>(float x) {
 
 // Positions of the keys a query row sees, ascending: written once per row, so the score loops
 // run over visible keys only (with causal masks and left padding, often a small part of Lb).
+// Eight mask bytes at a time (bool bytes are 0 or 1): under such masks a word is nearly always
+// all blocked or all visible, and the byte-by-byte loop was ~4% of the attention backward.
 inline int64_t visible_keys(const bool* kpm_b, const bool* am_row, int64_t Lb, int32_t* vis) {
-  int64_t n = 0;
-  if (kpm_b && am_row) {
-    for (int64_t j = 0; j < Lb; ++j) { vis[n] = static_cast<int32_t>(j); n += !(kpm_b[j] | am_row[j]); }
-  } else if (kpm_b) {
-    for (int64_t j = 0; j < Lb; ++j) { vis[n] = static_cast<int32_t>(j); n += !kpm_b[j]; }
-  } else if (am_row) {
-    for (int64_t j = 0; j < Lb; ++j) { vis[n] = static_cast<int32_t>(j); n += !am_row[j]; }
-  } else {
+  if (!kpm_b && !am_row) {
     for (int64_t j = 0; j < Lb; ++j) vis[j] = static_cast<int32_t>(j);
-    n = Lb;
+    return Lb;
+  }
+  constexpr uint64_t kAllBlocked = 0x0101010101010101ull;
+  int64_t n = 0, j = 0;
+  for (; j + 8 <= Lb; j += 8) {
+    uint64_t w = 0, wa = 0;
+    if (kpm_b) std::memcpy(&w, kpm_b + j, 8);
+    if (am_row) std::memcpy(&wa, am_row + j, 8);
+    w |= wa;
+    if (w == kAllBlocked) continue;
+    for (int64_t k = 0; k < 8; ++k) {
+      vis[n] = static_cast<int32_t>(j + k);
+      n += !((w >> (8 * k)) & 1);
+    }
+  }
+  for (; j < Lb; ++j) {
+    vis[n] = static_cast<int32_t>(j);
+    n += !((kpm_b && kpm_b[j]) || (am_row && am_row[j]));
   }
   return n;
 }
@@ -157,8 +169,11 @@ GCA_TILE_INLINE void transpose_block(const T* rows, int64_t nk, int64_t rs, int6
                                      A* t) {
   int64_t c0 = 0;
   if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
-    for (; c0 + 16 <= n; c0 += 16) {
-      for (int64_t j0 = 0; j0 < ld; j0 += 16) {
+    const int64_t nc = n / 16 * 16;
+    // 16 rows at a time, each read along its length (16 sequential streams for the prefetcher;
+    // column tiles first had every load hop 2d floats to the next row)
+    for (int64_t j0 = 0; j0 < ld; j0 += 16) {
+      for (c0 = 0; c0 < nc; c0 += 16) {
         V16f r[16];
         for (int64_t i = 0; i < 16; ++i) {
           if (j0 + i < nk)
@@ -170,6 +185,7 @@ GCA_TILE_INLINE void transpose_block(const T* rows, int64_t nk, int64_t rs, int6
         for (int64_t i = 0; i < 16; ++i) std::memcpy(t + (c0 + i) * ld + j0, &r[i], sizeof(V16f));
       }
     }
+    c0 = nc;
   }
   // row by row of t: its writes are contiguous and only the reads stride (written column by
   // column, the strided stores made this copy 12% of the backward kernel)
