@@ -115,6 +115,9 @@ COMPACT_CASES = {
     "dense": dict(lengths=[30] * 6, L=30, d=32, heads=1, mask=None),
     # one fully padded batch row among 12: above the active fraction that compaction needs
     "dense-one-empty-row": dict(lengths=[20] * 11 + [0], L=20, d=16, heads=2, mask=None),
+    # over 1,024 active rows (1,652 of 2,048): the weight gradients take their two half-row
+    # products side by side
+    "many-rows": dict(lengths=[40 + (7 * b) % 25 for b in range(32)], L=64, d=16, heads=2),
 }
 
 
