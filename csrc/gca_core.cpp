@@ -27,6 +27,7 @@
 #include <ATen/record_function.h>
 #include <c10/core/CPUAllocator.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -493,8 +494,9 @@ Rows active_query_rows(c10::DeviceType dev, const at::Tensor& kpm, const at::Ten
 }
 
 // The attention kernels' view of the compact rows: q, o (and dout, dq) hold qr's rows, kv (and
-// dkv) kr's rows.
-Dims compact_dims(Dims dm, const Rows& qr, const Rows& kr) {
+// dkv) kr's rows; on the CPU q comes scaled (Dims::q_scaled).
+Dims compact_dims(Dims dm, c10::DeviceType dev, const Rows& qr, const Rows& kr) {
+  dm.q_scaled = dev == c10::DeviceType::CPU;
   if (qr.compact()) {
     dm.qrow = qr.idx.data_ptr<int64_t>();
     dm.nq = qr.n;
@@ -529,7 +531,7 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
 
   // On the compact path q, o and h hold the active query rows packed at their top, kv the
   // unpadded keys (the kernels index them through the row maps of dmc); the rest is zero.
-  const Dims dmc = compact_dims(dm, qr, kr);
+  const Dims dmc = compact_dims(dm, dev, qr, kr);
   // The gathered input rows go to the backward, which would otherwise gather them again (two
   // of the four gathers, ~0.25 ms each at (256, 50, 64)). Not from the custom op: its outputs'
   // shapes must be known before the call, so there they are (0, d) and the backward gathers.
@@ -538,7 +540,8 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
   const at::Tensor xb_c = keep_rows ? kr.gather_kept(xb) : kr.gather(xb, kSlotA);
   at::Tensor q_c, kv_c, o_c, h_c;
   at::Tensor q = qr.packed(d, opts, q_c, custom_op);
-  at::addmm_out(q_c, bq, xa_c, wq.t());
+  const double qs = dmc.q_scaled ? 1.0 / std::sqrt(static_cast<double>(d / dm.H)) : 1.0;
+  at::addmm_out(q_c, bq, xa_c, wq.t(), qs, qs);
   // k and v come from the same input: one product against the stacked weights (two products
   // into kv's column halves read x_b twice and copy the bias twice: measured slower)
   at::Tensor kv = kr.packed(2 * d, opts, kv_c, custom_op);
@@ -624,7 +627,7 @@ std::vector<at::Tensor> gca_backward(
   // the same row sets as the forward (same masks, same function): h is packed the same way
   const Rows qr = active_query_rows(dev, opt(kpm), opt(am), dm);
   const Rows kr = active_key_rows(dev, opt(kpm), dm);
-  const Dims dmc = compact_dims(dm, qr, kr);
+  const Dims dmc = compact_dims(dm, dev, qr, kr);
   // the forward's gathered input rows, or (0, d): gathered here
   TORCH_CHECK(xa_g.dim() == 2 && xa_g.size(1) == d && (xa_g.size(0) == 0 || (qr.compact() && xa_g.size(0) == qr.n)) &&
                   xb_g.dim() == 2 && xb_g.size(1) == d && (xb_g.size(0) == 0 || (kr.compact() && xb_g.size(0) == kr.n)),

@@ -41,6 +41,10 @@ struct Dims {
   int64_t nq = 0;
   const int32_t* qpos = nullptr;
   const int32_t* kpos = nullptr;
+  // CPU: q holds q / sqrt(dh) (its product is scaled: alpha = beta = 1 / sqrt(dh)), so the
+  // score loops broadcast q straight into their FMAs instead of multiplying each element by
+  // the scale first; dk = ds^T q then needs no scale either. false: q as the contract has it.
+  bool q_scaled = false;
 };
 
 // Row kernels a device backend provides. Masks are undefined tensors when absent; lse, mean

@@ -513,7 +513,10 @@ GCA_CPU_CLONES void attn_fwd_tiles(const at::Tensor& q_t, const at::Tensor& kv_t
             xg[g] = q + rcs[g] * d + h * dh;
             og[g] = o + rcs[g] * d + h * dh;
           }
-          tdots4<T, A>(xg, scale, kt + h * dh * ld, ld, dh, lo, hi, sg);
+          if (dm.q_scaled)  // a literal 1: the compiler drops the multiply
+            tdots4<T, A>(xg, A(1), kt + h * dh * ld, ld, dh, lo, hi, sg);
+          else
+            tdots4<T, A>(xg, scale, kt + h * dh * ld, ld, dh, lo, hi, sg);
           A f[kG] = {A(0), A(0), A(0), A(0)};
           for (int64_t g = 0; g < G; ++g) {
             A* s = sg[g];
@@ -609,7 +612,10 @@ GCA_CPU_CLONES void attn_bwd_tiles(const at::Tensor& q_t, const at::Tensor& kv_t
             dog[g] = dout + rcs[g] * d + h * dh;
             dqg[g] = dq + rcs[g] * d + h * dh;
           }
-          tdots4<T, A>(qg, scale, kvt + h * dh * ld, ld, dh, lo, hi, sg);
+          if (dm.q_scaled)  // bit for bit the forward's scores
+            tdots4<T, A>(qg, A(1), kvt + h * dh * ld, ld, dh, lo, hi, sg);
+          else
+            tdots4<T, A>(qg, scale, kvt + h * dh * ld, ld, dh, lo, hi, sg);
           tdots4<T, A>(dog, A(1), kvt + (d + h * dh) * ld, ld, dh, lo, hi, dsg);  // dp
           for (int64_t g = 0; g < G; ++g) {
             A* s = sg[g];
@@ -655,7 +661,7 @@ GCA_CPU_CLONES void attn_bwd_tiles(const at::Tensor& q_t, const at::Tensor& kv_t
         T* dk = dkv + k0 * 2 * d + h * dh;
         for (int64_t r = 0; r < nr; ++r) xr[r] = q + rcv[r] * d + h * dh;
         key_grads<T, A>(dsall.data() + h * La * ld, ld, xr.data(), rlov.data(), rhiv.data(), nr,
-                        nk, dh, scale, dk, 2 * d);
+                        nk, dh, dm.q_scaled ? A(1) : scale, dk, 2 * d);
         for (int64_t r = 0; r < nr; ++r) xr[r] = dout + rcv[r] * d + h * dh;
         key_grads<T, A>(pall.data() + h * La * ld, ld, xr.data(), rlov.data(), rhiv.data(), nr,
                         nk, dh, A(1), dk + d, 2 * d);
