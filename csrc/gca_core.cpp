@@ -540,6 +540,7 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
   const at::Tensor xb_c = keep_rows ? kr.gather_kept(xb) : kr.gather(xb, kSlotA);
   at::Tensor q_c, kv_c, o_c, h_c;
   at::Tensor q = qr.packed(d, opts, q_c, custom_op);
+  // on the CPU q is stored scaled by 1 / sqrt(dh) (Dims::q_scaled): q = qs (x_a Wq^T + bq)
   const double qs = dmc.q_scaled ? 1.0 / std::sqrt(static_cast<double>(d / dm.H)) : 1.0;
   at::addmm_out(q_c, bq, xa_c, wq.t(), qs, qs);
   // k and v come from the same input: one product against the stacked weights (two products
@@ -629,10 +630,11 @@ std::vector<at::Tensor> gca_backward(
   const Rows kr = active_key_rows(dev, opt(kpm), dm);
   const Dims dmc = compact_dims(dm, dev, qr, kr);
   // the forward's gathered input rows, or (0, d): gathered here
-  TORCH_CHECK(xa_g.dim() == 2 && xa_g.size(1) == d && (xa_g.size(0) == 0 || (qr.compact() && xa_g.size(0) == qr.n)) &&
-                  xb_g.dim() == 2 && xb_g.size(1) == d && (xb_g.size(0) == 0 || (kr.compact() && xb_g.size(0) == kr.n)),
-              fn, ": xa_g ", shape_str(xa_g), " and xb_g ", shape_str(xb_g),
-              " must be the forward's gathered rows or empty (0, d)");
+  const auto gathered_ok = [&](const at::Tensor& t, const Rows& r) {
+    return t.dim() == 2 && t.size(1) == d && (t.size(0) == 0 || (r.compact() && t.size(0) == r.n));
+  };
+  TORCH_CHECK(gathered_ok(xa_g, qr) && gathered_ok(xb_g, kr), fn, ": xa_g ", shape_str(xa_g),
+              " and xb_g ", shape_str(xb_g), " must be the forward's gathered rows or (0, d)");
 
   // dg_pre and dxp exist on the rows x' is stored on (packed like it on the compact path)
   at::Tensor dg_pre = scratch(kSlotA, {qr.n, d}, opts), dxp = scratch(kSlotB, {qr.n, d}, opts),
