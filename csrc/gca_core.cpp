@@ -196,8 +196,9 @@ at::Tensor scratch(Slot slot, at::IntArrayRef shape, const at::TensorOptions& op
 // only one, and goes to the next request of exactly its size (shapes repeat from one training
 // step to the next). The storage is resizable like at::empty's (a resize moves it to the CPU
 // allocator and gives the block back). A free block no request has taken for kPoolMaxIdle
-// requests is dropped, and so are the least recently used once the free ones exceed
-// kPoolMaxFreeBytes, so varying shapes do not pile up memory; release_workspace() drops all.
+// requests is dropped (checked whenever the pool grows and every kPoolTrimEvery requests),
+// and so are the least recently used once the free ones exceed kPoolMaxFreeBytes, so varying
+// shapes do not pile up memory; release_workspace() drops all.
 // Blocks come from the CPU allocator, so memory profiles count them.
 namespace {
 
@@ -213,6 +214,7 @@ thread_local uint64_t tl_pool_clock = 0;
 // below this, glibc serves the request from its heap without faults: not worth the bookkeeping
 constexpr int64_t kPoolMinBytes = 64 << 10;
 constexpr uint64_t kPoolMaxIdle = 4096;
+constexpr uint64_t kPoolTrimEvery = 256;
 constexpr int64_t kPoolMaxFreeBytes = int64_t(1) << 30;
 
 bool block_free(const std::shared_ptr<PoolBlock>& b) { return b.use_count() == 1; }
@@ -255,13 +257,17 @@ at::Tensor recycled_empty(at::IntArrayRef shape, const at::TensorOptions& opts) 
       block = b;
       break;
     }
-  if (!block) {
-    pool_trim(now);  // only when the pool grows: the steady state never scans twice
+  const bool grows = !block;
+  if (grows) {
     block = std::make_shared<PoolBlock>(
         PoolBlock{c10::GetCPUAllocator()->allocate(static_cast<size_t>(bytes)), bytes, now});
     tl_pool.push_back(block);
   }
   block->last = now;
+  // when the pool grows, and now and then in a steady state (so that blocks of shapes no
+  // longer used go even when nothing new is asked for); the block being handed out is held
+  // here, so it is not free
+  if (grows || now % kPoolTrimEvery == 0) pool_trim(now);
   std::vector<int64_t> strides(shape.size());
   int64_t st = 1;
   for (size_t i = shape.size(); i-- > 0;) {

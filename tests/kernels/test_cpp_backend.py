@@ -8,6 +8,8 @@ Skipped (with the reason) when the extension is not built; build it with
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -230,6 +232,36 @@ def test_recycled_outputs_never_alias_live_tensors_and_come_back_once_dropped():
     assert torch.equal(y[: snapshot["y"].numel()].view_as(snapshot["y"]), snapshot["y"])
     assert gca_kernels.release_cpu_workspace() == held and _C.workspace_bytes() == 0
     assert torch.equal(second["d_x_a"], snapshot["d_x_a"])  # released blocks live on in use
+
+
+def test_recycled_blocks_of_a_shape_no_longer_used_are_dropped():
+    # A free block that no request has taken for 4,096 requests leaves the pool, also when the
+    # calls in between need nothing new (a training shape, then evaluation at another).
+    # one more batch row, fully padded: the same active rows (so the same scratch slots, which
+    # keep the largest size seen), other output sizes
+    case = COMPACT_CASES["wide-head"]
+    old = cast_problem(left_padded_problem(**case), torch.float32)
+    new = cast_problem(left_padded_problem(**dict(case, lengths=case["lengths"] + [0])),
+                       torch.float32)
+    gca_kernels.release_cpu_workspace()
+    run(new, "cpp")
+    run(new, "cpp")
+    only_new = _C.workspace_bytes()
+    gca_kernels.release_cpu_workspace()
+    for _ in range(2):
+        run(old, "cpp")
+    for _ in range(2):
+        run(new, "cpp")
+    assert _C.workspace_bytes() > only_new  # both shapes' blocks are kept for now
+    for _ in range(400):  # ~16 pooled requests per forward + backward: > 4,096 + 256
+        run(new, "cpp")
+        # free what Python reference cycles hold at once: otherwise the pool grows now and
+        # then until the collector runs, and growing also drops idle blocks (the young
+        # generations are enough, and much faster than a full collection)
+        gc.collect(1)
+        if _C.workspace_bytes() == only_new:
+            break
+    assert _C.workspace_bytes() == only_new
 
 
 @pytest.mark.parametrize("case", [Case(2, 3, 4, 8, 2, "tanh", causal="3d", full_pad_row=True),
