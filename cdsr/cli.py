@@ -7,6 +7,7 @@ hyper-parameter (`cdsr train --model M --list-config` lists them with their defa
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import sys
@@ -117,6 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(cfg, indent=2))
         return 0
     ctx = init_from_env(cfg["device"])
+    trainer = None
     try:
         out = Path(args.out) if args.out else default_out(cfg)
         t0 = time.perf_counter()
@@ -136,6 +138,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         # exception path, where a peer may never arrive.
         ctx.barrier()
     finally:
+        # The DDP wrapper keeps the gloo process group alive past destroy_process_group; left
+        # to interpreter shutdown, the group's worker threads were torn down with Python half
+        # gone and a rank aborted now and then ("terminate called without an active
+        # exception", SIGABRT). Drop it, and collect, while everything is still alive.
+        del trainer
+        gc.collect()
         ctx.close()
     return 0
 
