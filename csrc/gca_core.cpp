@@ -268,16 +268,10 @@ at::Tensor recycled_empty(at::IntArrayRef shape, const at::TensorOptions& opts) 
   // longer used go even when nothing new is asked for); the block being handed out is held
   // here, so it is not free
   if (grows || now % kPoolTrimEvery == 0) pool_trim(now);
-  std::vector<int64_t> strides(shape.size());
-  int64_t st = 1;
-  for (size_t i = shape.size(); i-- > 0;) {
-    strides[i] = st;
-    st *= std::max<int64_t>(shape[i], 1);
-  }
   void* data = block->mem.get();
-  // the deleter holds the tensor's share of the block; destroying it gives the block back
+  // contiguous (no strides given); the deleter holds the tensor's share of the block, and
+  // destroying it gives the block back
   return at::for_blob(data, shape)
-      .strides(strides)
       .deleter([share = std::move(block)](void*) {})
       .options(opts)
       .allocator(c10::GetCPUAllocator())
