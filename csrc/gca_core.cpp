@@ -572,13 +572,19 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
     K.attn_fwd(q, kv, opt(kpm), opt(am), o, lse, dmc);
   }
 
-  // x' = o Wo^T, the bias added by the row kernel only where a key was seen (x' = 0 elsewhere;
-  // on the compact path those rows are not stored: x' is packed like q, and so is g)
+  // x' = o Wo^T + bo where a key was seen, 0 elsewhere; on the compact path those rows are not
+  // stored (x' is packed like q, and so is g) and every stored row takes the bias: it goes into
+  // the product (copied into the output first, in place of the zero-fill product_into does),
+  // and cos is formed by the gate's row pass, which loads x_a and x' anyway: no pass of its own.
+  // Dense path: the row kernel adds the bias on the rows with a key and zeroes the rest.
   at::Tensor xp_c, g_c;
   at::Tensor xp = qr.packed(d, opts, xp_c, custom_op);
-  product_into(xp_c, o_c, wo.t());
   at::Tensor cos = recycled_empty({N}, opts);
-  {
+  const bool cos_in_gate = qr.compact();  // (compact rows exist on the CPU only)
+  if (cos_in_gate) {
+    at::addmm_out(xp_c, bo, o_c, wo.t());
+  } else {
+    product_into(xp_c, o_c, wo.t());
     RECORD_FUNCTION("gca::xprime_fwd", std::vector<c10::IValue>());  // named in profiles
     K.xprime_fwd(xp, bo, lse, xa, cos, dmc);
   }
@@ -600,7 +606,8 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
              rstd = recycled_empty({ln ? N : 0}, acc_opts);
   {
     RECORD_FUNCTION("gca::gate_out_fwd", std::vector<c10::IValue>());  // named in profiles
-    K.gate_out_fwd(xa, xp, g, b2, opt(ln_w), opt(ln_b), y, mean, rstd, act, ln_eps, dmc);
+    at::Tensor cos_here = cos_in_gate ? cos : at::Tensor();
+    K.gate_out_fwd(xa, xp, g, b2, opt(ln_w), opt(ln_b), y, mean, rstd, cos_here, act, ln_eps, dmc);
   }
   const auto kept = [&](const Rows& r, const at::Tensor& rows) {
     return keep_rows && r.compact() ? rows : at::empty({0, d}, opts);

@@ -60,11 +60,12 @@ struct GCAKernels {
   void (*xprime_fwd)(at::Tensor& xp, const at::Tensor& bo, const at::Tensor& lse,
                      const at::Tensor& xa, at::Tensor& cos, const Dims& dm);
   // In place g = act(g + b2) (g holds h W2^T on entry); y = LN(x_a + g * x') (or the sum);
-  // mean/rstd when LN is on.
+  // mean/rstd when LN is on; cos(x_a, x') when cos is defined (CPU compact path, where x'
+  // already holds its bias and xprime_fwd is not run; undefined elsewhere).
   void (*gate_out_fwd)(const at::Tensor& xa, const at::Tensor& xp, at::Tensor& g,
                        const at::Tensor& b2, const at::Tensor& ln_w, const at::Tensor& ln_b, at::Tensor& y,
-                       at::Tensor& mean, at::Tensor& rstd, int64_t act, double ln_eps,
-                       const Dims& dm);
+                       at::Tensor& mean, at::Tensor& rstd, at::Tensor& cos, int64_t act,
+                       double ln_eps, const Dims& dm);
   // Backward of gate_out_fwd and of the cosine: dg_pre, dxp, dxa (N, d); db2 = the column sums
   // of dg_pre, dln_w/dln_b (d).
   void (*gate_out_bwd)(const at::Tensor& dy, const at::Tensor& dcos, const at::Tensor& xa,

@@ -719,8 +719,8 @@ GCA_CPU_CLONES void xprime_fwd_impl(at::Tensor& xp_t, const at::Tensor& bo_t, co
 template <typename T>
 GCA_CPU_CLONES void gate_out_fwd_impl(const at::Tensor& xa_t, const at::Tensor& xp_t, at::Tensor& g_t,
                        const at::Tensor& b2_t, const at::Tensor& lnw_t, const at::Tensor& lnb_t, at::Tensor& y_t,
-                       at::Tensor& mean_t, at::Tensor& rstd_t, int64_t act, double eps,
-                       const Dims& dm) {
+                       at::Tensor& mean_t, at::Tensor& rstd_t, at::Tensor& cos_t, int64_t act,
+                       double eps, const Dims& dm) {
   using A = at::opmath_type<T>;
   const int64_t N = dm.B * dm.La, d = dm.d;
   const T* xa = xa_t.data_ptr<T>();   // (N, d)
@@ -733,6 +733,9 @@ GCA_CPU_CLONES void gate_out_fwd_impl(const at::Tensor& xa_t, const at::Tensor& 
   T* y = y_t.data_ptr<T>();           // (N, d)
   A* mean = ln ? mean_t.data_ptr<A>() : nullptr;  // (N)
   A* rstd = ln ? rstd_t.data_ptr<A>() : nullptr;  // (N)
+  // (N) cos(x_a, x') when defined (then x' holds its bias already and xprime_fwd did not run):
+  // formed here from the rows this pass loads anyway
+  T* cos = cos_t.defined() ? cos_t.data_ptr<T>() : nullptr;
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<A> z(d);
@@ -742,23 +745,28 @@ GCA_CPU_CLONES void gate_out_fwd_impl(const at::Tensor& xa_t, const at::Tensor& 
       const int64_t rc = dm.qpos ? dm.qpos[r] : r;  // row of xp and g (compact: active rows)
       const T* ar = xa + r * d;
       T* yr = y + r * d;
-      A sum = 0;
+      A sum = 0, dt = 0, na2 = 0, nb2 = 0;  // (the last three for cos)
       if (rc < 0) {  // x' = 0: z = x_a, whatever the gate
         for (int64_t c = 0; c < d; ++c) {
           zp[c] = static_cast<A>(ar[c]);
           sum += zp[c];
         }
+        if (cos) cos[r] = T(0);
       } else if (act == kSigmoid) {
         T* gr = g + rc * d;
         const T* pr = xp + rc * d;
-#pragma omp simd reduction(+ : sum)
+#pragma omp simd reduction(+ : sum, dt, na2, nb2)
         for (int64_t c = 0; c < d; ++c) {
           const A pre = static_cast<A>(static_cast<T>(static_cast<A>(gr[c]) + static_cast<A>(b2[c])));
           const T gv = static_cast<T>(A(1) / (A(1) + vexp<A>(-pre)));
           gr[c] = gv;
-          const A zc = static_cast<A>(ar[c]) + static_cast<A>(gv) * static_cast<A>(pr[c]);
+          const A a = ar[c], pv = pr[c];
+          const A zc = a + static_cast<A>(gv) * pv;
           zp[c] = zc;
           sum += zc;
+          dt += a * pv;
+          na2 += a * a;
+          nb2 += pv * pv;
         }
       } else {
         T* gr = g + rc * d;
@@ -767,10 +775,19 @@ GCA_CPU_CLONES void gate_out_fwd_impl(const at::Tensor& xa_t, const at::Tensor& 
           const A pre = static_cast<A>(static_cast<T>(static_cast<A>(gr[c]) + static_cast<A>(b2[c])));
           const T gv = static_cast<T>(std::tanh(pre));
           gr[c] = gv;
-          const A zc = static_cast<A>(ar[c]) + static_cast<A>(gv) * static_cast<A>(pr[c]);
+          const A a = ar[c], pv = pr[c];
+          const A zc = a + static_cast<A>(gv) * pv;
           zp[c] = zc;
           sum += zc;
+          dt += a * pv;
+          na2 += a * a;
+          nb2 += pv * pv;
         }
+      }
+      if (cos && rc >= 0) {
+        A cs, den;
+        row_cos(dt, na2, nb2, cs, den);
+        cos[r] = static_cast<T>(cs);
       }
       if (!ln) {
         for (int64_t c = 0; c < d; ++c) yr[c] = static_cast<T>(zp[c]);
@@ -979,10 +996,10 @@ void xprime_fwd_cpu(at::Tensor& xp, const at::Tensor& bo, const at::Tensor& lse,
 }
 void gate_out_fwd_cpu(const at::Tensor& xa, const at::Tensor& xp, at::Tensor& g,
                       const at::Tensor& b2, const at::Tensor& ln_w, const at::Tensor& ln_b,
-                      at::Tensor& y, at::Tensor& mean, at::Tensor& rstd, int64_t act, double eps,
-                      const Dims& dm) {
+                      at::Tensor& y, at::Tensor& mean, at::Tensor& rstd, at::Tensor& cos, int64_t act,
+                      double eps, const Dims& dm) {
   GCA_CPU_DISPATCH(xa, "gca_gate_out_fwd_cpu",
-                   gate_out_fwd_impl<scalar_t>(xa, xp, g, b2, ln_w, ln_b, y, mean, rstd, act, eps, dm));
+                   gate_out_fwd_impl<scalar_t>(xa, xp, g, b2, ln_w, ln_b, y, mean, rstd, cos, act, eps, dm));
 }
 void gate_out_bwd_cpu(const at::Tensor& dy, const at::Tensor& dcos, const at::Tensor& xa,
                       const at::Tensor& xp, const at::Tensor& g, const at::Tensor& ln_w,

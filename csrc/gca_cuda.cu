@@ -363,7 +363,10 @@ void xprime_fwd_cuda(at::Tensor& xp, const at::Tensor& bo, const at::Tensor& lse
 
 void gate_out_fwd_cuda(const at::Tensor& xa, const at::Tensor& xp, at::Tensor& g,
                        const at::Tensor& b2, const at::Tensor& ln_w, const at::Tensor& ln_b, at::Tensor& y,
-                       at::Tensor& mean, at::Tensor& rstd, int64_t act, double eps, const Dims& dm) {
+                       at::Tensor& mean, at::Tensor& rstd, at::Tensor& cos, int64_t act, double eps,
+                       const Dims& dm) {
+  // cos comes from xprime_fwd here (the core passes it to this kernel only on the CPU)
+  TORCH_CHECK(!cos.defined(), "gca_gate_out_fwd_cuda: cos is formed by xprime_fwd on the GPU");
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t N = dm.B * dm.La;
   GCA_CUDA_DISPATCH(xa, "gca_gate_out_fwd_cuda",
