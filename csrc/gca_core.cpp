@@ -711,8 +711,8 @@ std::vector<at::Tensor> gca_backward(
   // o packed like x' on the compact path
   at::Tensor dwo = weight_grad(dxp, o.narrow(0, 0, qr.n));
   product_into(dg_pre, dxp, wo);
-  at::Tensor dout = dg_pre;  // dg_pre is dead: its buffer takes d(o)
-  at::Tensor dq = std::move(dxp);                 // dxp dies as d(o) is formed: dq takes it
+  at::Tensor dout = dg_pre;        // dg_pre is dead: its buffer takes d(o)
+  at::Tensor dq = std::move(dxp);  // dxp dies as d(o) is formed: dq takes it
   at::Tensor dkv = scratch(kSlotDkv, {kr.n, 2 * d}, opts);  // compact: unpadded keys only
   if (dev != c10::DeviceType::CPU) dkv.zero_();  // the CPU kernel zeroes it block by block
   {

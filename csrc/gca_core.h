@@ -41,9 +41,9 @@ struct Dims {
   int64_t nq = 0;
   const int32_t* qpos = nullptr;
   const int32_t* kpos = nullptr;
-  // CPU: q holds q / sqrt(dh) (its product is scaled: alpha = beta = 1 / sqrt(dh)), so the
-  // score loops broadcast q straight into their FMAs instead of multiplying each element by
-  // the scale first; dk = ds^T q then needs no scale either. false: q as the contract has it.
+  // CPU: q holds q / sqrt(dh) (its product is scaled: alpha = 1 / sqrt(dh), the bias too), so
+  // the score loops broadcast q straight into their FMAs instead of multiplying each element
+  // by the scale first; dk = ds^T q then needs no scale either. false: q as the contract has it.
   bool q_scaled = false;
 };
 
@@ -56,7 +56,8 @@ struct GCAKernels {
   // a row with no visible key (o = 0 there).
   void (*attn_fwd)(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& kpm,
                    const at::Tensor& am, at::Tensor& o, at::Tensor& lse, const Dims& dm);
-  // In place xp = has_key ? xp + bo : 0, and cos(x_a, x').
+  // In place xp = has_key ? xp + bo : 0, and cos(x_a, x'). Not called on the CPU's compact
+  // path (the product adds bo there, and gate_out_fwd forms cos).
   void (*xprime_fwd)(at::Tensor& xp, const at::Tensor& bo, const at::Tensor& lse,
                      const at::Tensor& xa, at::Tensor& cos, const Dims& dm);
   // In place g = act(g + b2) (g holds h W2^T on entry); y = LN(x_a + g * x') (or the sum);
