@@ -392,8 +392,9 @@ GCA_TILE_INLINE void weighted_rows4(const A* const* w, const int32_t* u, int64_t
 // out_j[c] = f sum_r W[r * ld + j] x_r[c] for every key position j < nk and c < n (out_j at
 // out + j * os): the dk (W = ds, x = q) and dv (W = p, x = dout) products of a batch row, over
 // its nr query rows. A tile of four keys x two kW-column chunks is summed in registers over the
-// rows whose key range [rlo, rhi) meets it (with a causal mask, about half of them); W is 0
-// outside each row's visible keys, so the sums are exact over the visible pairs. Every key row
+// rows whose key range [rlo, rhi) (first to last visible key) meets it (with a causal mask,
+// about half of them); W is 0 outside each row's visible keys, so the sums are exact over the
+// visible pairs, and skipping a row adds nothing it would have added. Every key row
 // of the block is written (0 where no row sees the key).
 template <typename T, typename A>
 GCA_TILE_INLINE void key_grads(const A* W, int64_t ld, const T* const* x, const int32_t* rlo,
@@ -687,8 +688,12 @@ GCA_CPU_CLONES void attn_bwd_tiles(const at::Tensor& q_t, const at::Tensor& kv_t
           weighted_rows4<T, A>(dsg, u, nu, kv + k0 * 2 * d + h * dh, 2 * d, dh, f, dqg, G);
         }
         for (int64_t g = 0; g < G; ++g) {
-          rlov[nr + g] = static_cast<int32_t>(lo);
-          rhiv[nr + g] = static_cast<int32_t>(hi);
+          // the row's own first and last visible key, not the group's whole blocks: dk and dv
+          // then skip the rows that see none of a 4-key tile (a causal row sees ~half of its
+          // block range)
+          const int32_t* vis = visv.data() + g * Lb;
+          rlov[nr + g] = static_cast<int32_t>(vis[0] - k0);
+          rhiv[nr + g] = static_cast<int32_t>(vis[nvs[g] - 1] - k0 + 1);
           rcv[nr + g] = rcs[g];
         }
         nr += G;
