@@ -110,42 +110,31 @@ inline void key_rows(const Dims& dm, int64_t b, int64_t nv, int32_t* vis) {
   }
 }
 
-// First compact key row of batch row b in kv and how many follow. Compact rows keep the full
-// row order, so b's unpadded keys are one contiguous block of kv.
-inline void key_block(const Dims& dm, int64_t b, int64_t& k0, int64_t& nk) {
-  if (!dm.kpos) {
-    k0 = b * dm.Lb;
-    nk = dm.Lb;
+// First stored row of batch row b under a row map (pos: full row -> compact row, -1 where the
+// row is not stored; null on the dense path, where all L rows of b are stored) and how many
+// follow. Compact rows keep the full row order, so b's stored rows are one contiguous block.
+inline void stored_block(const int32_t* pos, int64_t b, int64_t L, int64_t& r0, int64_t& n) {
+  if (!pos) {
+    r0 = b * L;
+    n = L;
     return;
   }
-  const int32_t* p = dm.kpos + b * dm.Lb;
+  const int32_t* p = pos + b * L;
   int64_t lo = -1, hi = -1;
-  for (int64_t j = 0; j < dm.Lb; ++j) {
+  for (int64_t j = 0; j < L; ++j) {
     if (p[j] < 0) continue;
     if (lo < 0) lo = p[j];
     hi = p[j];
   }
-  k0 = lo < 0 ? 0 : lo;
-  nk = lo < 0 ? 0 : hi - lo + 1;
-}
-
-// First compact query row of batch row b (in q, o, dout, dq) and how many follow (contiguous
-// like the keys; the dense path stores all La rows).
-inline void query_block(const Dims& dm, int64_t b, int64_t& r0, int64_t& nr) {
-  if (!dm.qpos) {
-    r0 = b * dm.La;
-    nr = dm.La;
-    return;
-  }
-  const int32_t* p = dm.qpos + b * dm.La;
-  int64_t lo = -1, hi = -1;
-  for (int64_t i = 0; i < dm.La; ++i) {
-    if (p[i] < 0) continue;
-    if (lo < 0) lo = p[i];
-    hi = p[i];
-  }
   r0 = lo < 0 ? 0 : lo;
-  nr = lo < 0 ? 0 : hi - lo + 1;
+  n = lo < 0 ? 0 : hi - lo + 1;
+}
+// b's keys (and values) in kv, and b's query rows in q, o, dout and dq
+inline void key_block(const Dims& dm, int64_t b, int64_t& k0, int64_t& nk) {
+  stored_block(dm.kpos, b, dm.Lb, k0, nk);
+}
+inline void query_block(const Dims& dm, int64_t b, int64_t& r0, int64_t& nr) {
+  stored_block(dm.qpos, b, dm.La, r0, nr);
 }
 
 // Asks for a contiguous span of memory ahead of its use (every 64-byte line). A batch row's keys
