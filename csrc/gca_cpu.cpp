@@ -599,12 +599,8 @@ GCA_CPU_CLONES void attn_bwd_tiles(const at::Tensor& q_t, const at::Tensor& kv_t
     A* const dsg[kG] = {dsv.data(), dsv.data() + Lw, dsv.data() + 2 * Lw, dsv.data() + 3 * Lw};
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < dm.B; ++b) {
-      int64_t k0, nk, r0, nq;
+      int64_t k0, nk;
       key_block(dm, b, k0, nk);
-      query_block(dm, b, r0, nq);
-      prefetch_span(kv + k0 * 2 * d, nk * 2 * d);
-      prefetch_span(q + r0 * d, nq * d);
-      prefetch_span(dout + r0 * d, nq * d);
       if (nk == 0) {  // no stored key: only keyless query rows (dq = 0)
         for (int64_t i = 0; i < La; ++i) {
           const int64_t r = b * La + i;
@@ -613,6 +609,11 @@ GCA_CPU_CLONES void attn_bwd_tiles(const at::Tensor& q_t, const at::Tensor& kv_t
         }
         continue;
       }
+      int64_t r0, nq;
+      query_block(dm, b, r0, nq);
+      prefetch_span(kv + k0 * 2 * d, nk * 2 * d);
+      prefetch_span(q + r0 * d, nq * d);
+      prefetch_span(dout + r0 * d, nq * d);
       const int64_t ld = round_up(nk);
       transpose_block<T, A>(kv + k0 * 2 * d, nk, 2 * d, 2 * d, ld, kvt);
       const bool* kpm_b = kpm ? kpm + b * Lb : nullptr;
