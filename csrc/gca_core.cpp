@@ -664,10 +664,16 @@ std::vector<at::Tensor> gca_backward(
              dxa = recycled_empty({N, d}, opts);
   at::Tensor dln_w = at::empty({ln ? d : 0}, opts), dln_b = at::empty({ln ? d : 0}, opts),
              db2 = at::empty({d}, opts);
+  // bo's gradient is the column sum of dxp = (the gate pass's part) + dh W1b. On the compact path
+  // (every stored row sees a key) the first part is summed by the gate pass while it writes the
+  // rows and the second is db1 W1b (column sums commute with the product): no pass over dxp.
+  // The dense path zeroes keyless rows of dxp after the product, so it sums dxp itself.
+  at::Tensor dbo = at::empty({d}, opts);
+  at::Tensor dxp_sum = qr.compact() ? dbo : at::Tensor();
   {
     RECORD_FUNCTION("gca::gate_out_bwd", std::vector<c10::IValue>());  // named in profiles
     K.gate_out_bwd(dy.view({N, d}), dcos.view({N}), xa, xp, g, opt(ln_w), mean, rstd, dg_pre, db2,
-                   dxp, dxa, dln_w, dln_b, act, dmc);
+                   dxp, dxa, dln_w, dln_b, dxp_sum, act, dmc);
   }
 
   // Temporaries live in the scratch slots, reused once dead (the custom op keeps every saved
@@ -703,8 +709,9 @@ std::vector<at::Tensor> gca_backward(
   // x' is the constant 0 on rows without a visible key: nothing flows back through them
   if (!qr.compact()) dxp.mul_(lse.narrow(1, 0, 1).isfinite().to(dt));
 
-  at::Tensor dbo = at::empty({d}, opts);
-  {
+  if (qr.compact()) {
+    dbo.addmv_(w1b.t(), db1);
+  } else {
     RECORD_FUNCTION("gca::col_sum", std::vector<c10::IValue>());  // named in profiles
     K.col_sum(dxp, dbo);
   }
@@ -741,11 +748,13 @@ std::vector<at::Tensor> gca_backward(
   at::Tensor dkv_c = std::move(dkv);
   // (d(o)'s slot is free again for the gather)
   at::Tensor dwkv = weight_grad(dkv_c, xb_g.size(0) ? xb_g : kr.gather(xb, kSlotA));
-  at::Tensor dbkv = at::empty({2 * d}, opts);
-  {
-    RECORD_FUNCTION("gca::col_sum", std::vector<c10::IValue>());  // named in profiles
-    K.col_sum(dkv_c, dbkv);
-  }
+  // The k and v bias gradients without a pass over dkv. Each row of p (per head) sums to 1 where
+  // the query sees a key, and d(o) is 0 on the rows that see none, so the column sums of
+  // dv = p^T d(o) are those of d(o) = dxp Wo: dbv = dbo Wo. Softmax ignores a constant added
+  // to a row's scores, so the rows of ds sum to 0 and dbk = sum_j ds_j^T q = 0 exactly (summed
+  // from dk it would be rounding noise).
+  at::Tensor dbkv = at::zeros({2 * d}, opts);
+  dbkv.narrow(0, d, d).addmv_(wo.t(), dbo);
   const at::Tensor wkv = at::cat({wk, wv});
   // dense path: the product is dx_b itself (an output, so never in scratch)
   at::Tensor dxb;

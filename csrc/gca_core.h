@@ -68,12 +68,13 @@ struct GCAKernels {
                        at::Tensor& mean, at::Tensor& rstd, at::Tensor& cos, int64_t act,
                        double ln_eps, const Dims& dm);
   // Backward of gate_out_fwd and of the cosine: dg_pre, dxp, dxa (N, d); db2 = the column sums
-  // of dg_pre, dln_w/dln_b (d).
+  // of dg_pre, dln_w/dln_b (d); dxp_sum (d) = the column sums of the dxp written here, when
+  // defined (CPU compact path only; undefined elsewhere).
   void (*gate_out_bwd)(const at::Tensor& dy, const at::Tensor& dcos, const at::Tensor& xa,
                        const at::Tensor& xp, const at::Tensor& g, const at::Tensor& ln_w,
                        const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& dg_pre,
                        at::Tensor& db2, at::Tensor& dxp, at::Tensor& dxa, at::Tensor& dln_w, at::Tensor& dln_b,
-                       int64_t act, const Dims& dm);
+                       at::Tensor& dxp_sum, int64_t act, const Dims& dm);
   // Bias and ReLU of the gate's hidden layer in place: h = max(h + b1, 0).
   void (*bias_relu)(at::Tensor& h, const at::Tensor& b1);
   // ReLU backward in place (dh = 0 where h, stored post-ReLU, is 0) and db1 = dh's column sums.

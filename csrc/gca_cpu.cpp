@@ -843,7 +843,7 @@ GCA_CPU_CLONES void gate_out_bwd_impl(const at::Tensor& dy_t, const at::Tensor& 
                        const at::Tensor& xp_t, const at::Tensor& g_t, const at::Tensor& lnw_t,
                        const at::Tensor& mean_t, const at::Tensor& rstd_t, at::Tensor& dgp_t,
                        at::Tensor& db2_t, at::Tensor& dxp_t, at::Tensor& dxa_t, at::Tensor& dlnw_t,
-                       at::Tensor& dlnb_t, int64_t act, const Dims& dm) {
+                       at::Tensor& dlnb_t, at::Tensor& dxps_t, int64_t act, const Dims& dm) {
   using A = at::opmath_type<T>;
   const int64_t N = dm.B * dm.La, d = dm.d;
   const T* dy = dy_t.data_ptr<T>();      // (N, d)
@@ -859,9 +859,12 @@ GCA_CPU_CLONES void gate_out_bwd_impl(const at::Tensor& dy_t, const at::Tensor& 
   T* dxp = dxp_t.data_ptr<T>();          // (N, d)
   T* dxa = dxa_t.data_ptr<T>();          // (N, d)
   const int64_t nchunks = (N + kRowsPerChunk - 1) / kRowsPerChunk;
-  // per-chunk partial sums of dy * zhat and dy (LayerNorm weight and bias gradients) and of
-  // dg_pre (b2's gradient: summed here, while each row is in registers, not in another pass)
-  std::vector<A> part(nchunks * 3 * d);
+  // per-chunk partial sums of dy * zhat and dy (LayerNorm weight and bias gradients), of
+  // dg_pre (b2's gradient) and, when asked for, of dxp (part of bo's gradient): summed here,
+  // while each row is in registers, not in passes of their own
+  const bool sum_dxp = dxps_t.defined();
+  constexpr int64_t np = 4;
+  std::vector<A> part(nchunks * np * d);
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<A> zh(d), dz(d);
@@ -869,10 +872,11 @@ GCA_CPU_CLONES void gate_out_bwd_impl(const at::Tensor& dy_t, const at::Tensor& 
     A* dzp = dz.data();
 #pragma omp for schedule(static)
     for (int64_t ch = 0; ch < nchunks; ++ch) {
-      A* pg = part.data() + ch * 3 * d;
+      A* pg = part.data() + ch * np * d;
       A* pw = ln ? pg + d : nullptr;
       A* pb = ln ? pg + 2 * d : nullptr;
-      std::fill(pg, pg + 3 * d, A(0));
+      A* px = pg + 3 * d;
+      std::fill(pg, pg + np * d, A(0));
       const int64_t r_end = std::min(N, (ch + 1) * kRowsPerChunk);
       for (int64_t r = ch * kRowsPerChunk; r < r_end; ++r) {
         const int64_t rc = dm.qpos ? dm.qpos[r] : r;  // row of xp, g, dg_pre, dxp
@@ -939,7 +943,9 @@ GCA_CPU_CLONES void gate_out_bwd_impl(const at::Tensor& dy_t, const at::Tensor& 
           const T dgc = static_cast<T>(dzc * bv * dact);
           dgr[c] = dgc;
           pg[c] += static_cast<A>(dgc);
-          dxpr[c] = static_cast<T>(dzc * gv + dc * (a * inv_den - cb * bv));
+          const T dxc = static_cast<T>(dzc * gv + dc * (a * inv_den - cb * bv));
+          dxpr[c] = dxc;
+          px[c] += static_cast<A>(dxc);  // (summed whether asked for or not: no branch here)
           dxar[c] = static_cast<T>(dzc + dc * (bv * inv_den - ca * a));
         }
       }
@@ -948,18 +954,22 @@ GCA_CPU_CLONES void gate_out_bwd_impl(const at::Tensor& dy_t, const at::Tensor& 
   T* db2 = db2_t.data_ptr<T>();
   T* dlnw = ln ? dlnw_t.data_ptr<T>() : nullptr;
   T* dlnb = ln ? dlnb_t.data_ptr<T>() : nullptr;
+  T* dxps = sum_dxp ? dxps_t.data_ptr<T>() : nullptr;
   for (int64_t c = 0; c < d; ++c) {
-    A sg = 0, sw = 0, sb = 0;
+    A sg = 0, sw = 0, sb = 0, sx = 0;
     for (int64_t ch = 0; ch < nchunks; ++ch) {  // chunk order: deterministic
-      sg += part[ch * 3 * d + c];
-      sw += part[ch * 3 * d + d + c];
-      sb += part[ch * 3 * d + 2 * d + c];
+      const A* p = part.data() + ch * np * d;
+      sg += p[c];
+      sw += p[d + c];
+      sb += p[2 * d + c];
+      if (sum_dxp) sx += p[3 * d + c];
     }
     db2[c] = static_cast<T>(sg);
     if (ln) {
       dlnw[c] = static_cast<T>(sw);
       dlnb[c] = static_cast<T>(sb);
     }
+    if (sum_dxp) dxps[c] = static_cast<T>(sx);
   }
 }
 
@@ -1036,10 +1046,10 @@ void gate_out_bwd_cpu(const at::Tensor& dy, const at::Tensor& dcos, const at::Te
                       const at::Tensor& xp, const at::Tensor& g, const at::Tensor& ln_w,
                       const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& dgp,
                       at::Tensor& db2, at::Tensor& dxp, at::Tensor& dxa, at::Tensor& dlnw,
-                      at::Tensor& dlnb, int64_t act, const Dims& dm) {
+                      at::Tensor& dlnb, at::Tensor& dxp_sum, int64_t act, const Dims& dm) {
   GCA_CPU_DISPATCH(xa, "gca_gate_out_bwd_cpu",
                    gate_out_bwd_impl<scalar_t>(dy, dcos, xa, xp, g, ln_w, mean, rstd, dgp, db2,
-                                               dxp, dxa, dlnw, dlnb, act, dm));
+                                               dxp, dxa, dlnw, dlnb, dxp_sum, act, dm));
 }
 void attn_bwd_cpu(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& o,
                   const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& kpm,

@@ -382,7 +382,8 @@ void gate_out_bwd_cuda(const at::Tensor& dy, const at::Tensor& dcos, const at::T
                        const at::Tensor& xp, const at::Tensor& g, const at::Tensor& ln_w,
                        const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& dgp,
                        at::Tensor& db2, at::Tensor& dxp, at::Tensor& dxa, at::Tensor& dlnw,
-                       at::Tensor& dlnb, int64_t act, const Dims& dm) {
+                       at::Tensor& dlnb, at::Tensor& /*dxp_sum: asked for on the CPU only*/,
+                       int64_t act, const Dims& dm) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t N = dm.B * dm.La;
   const bool ln = ln_w.defined();
