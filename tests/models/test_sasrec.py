@@ -28,8 +28,16 @@ def test_loss_backward_reaches_every_parameter(data, gca):
     loss, logs = m.loss(batch_of(data, m))
     assert loss.ndim == 0 and torch.isfinite(loss) and set(logs) <= {"loss_A", "loss_B"}
     loss.backward()
-    for name, p in m.named_parameters():
+    params = dict(m.named_parameters())
+    for name, p in params.items():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if name.endswith("k_proj.bias"):
+            # softmax ignores a constant added to all of a row's scores, so the key bias's
+            # gradient is 0 in exact arithmetic (the cpp backend returns exactly 0, eager only
+            # rounding noise): it must be negligible next to the query bias's
+            q_scale = params[name.replace("k_proj", "q_proj")].grad.abs().max()
+            assert p.grad.abs().max() <= 1e-4 * q_scale, name
+            continue
         assert p.grad.abs().sum() > 0, name
     assert len([k for k in m.gca]) == 2 * len(gca)
 
