@@ -753,8 +753,7 @@ std::vector<at::Tensor> gca_backward(
   // dv = p^T d(o) are those of d(o) = dxp Wo: dbv = dbo Wo. Softmax ignores a constant added
   // to a row's scores, so the rows of ds sum to 0 and dbk = sum_j ds_j^T q = 0 exactly (summed
   // from dk it would be rounding noise).
-  at::Tensor dbkv = at::zeros({2 * d}, opts);
-  dbkv.narrow(0, d, d).addmv_(wo.t(), dbo);
+  at::Tensor dbk = at::zeros({d}, opts), dbv = at::mv(wo.t(), dbo);
   const at::Tensor wkv = at::cat({wk, wv});
   // dense path: the product is dx_b itself (an output, so never in scratch)
   at::Tensor dxb;
@@ -765,7 +764,7 @@ std::vector<at::Tensor> gca_backward(
   } else {
     dxb = product(dkv_c, wkv);
   }
-  // custom ops may not return aliasing outputs: split the stacked k/v gradients into copies
+  // custom ops may not return aliasing outputs: split the stacked k/v weight gradient into copies
   // (two d x d copies cost less than a second pass over the rows that separate products of dk
   // and dv would need: measured)
   const auto half = [&](const at::Tensor& t, int64_t i) {
@@ -773,7 +772,7 @@ std::vector<at::Tensor> gca_backward(
     return recycled_empty(part.sizes(), opts).copy_(part);
   };
   return {dxa.view({dm.B, dm.La, d}), dxb.view({dm.B, dm.Lb, d}), dwq, dbq,
-          half(dwkv, 0), half(dbkv, 0), half(dwkv, 1), half(dbkv, 1), dwo, dbo, dw1, db1, dw2,
+          half(dwkv, 0), dbk, half(dwkv, 1), dbv, dwo, dbo, dw1, db1, dw2,
           db2, dln_w, dln_b};
 }
 

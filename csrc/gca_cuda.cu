@@ -382,8 +382,9 @@ void gate_out_bwd_cuda(const at::Tensor& dy, const at::Tensor& dcos, const at::T
                        const at::Tensor& xp, const at::Tensor& g, const at::Tensor& ln_w,
                        const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& dgp,
                        at::Tensor& db2, at::Tensor& dxp, at::Tensor& dxa, at::Tensor& dlnw,
-                       at::Tensor& dlnb, at::Tensor& /*dxp_sum: asked for on the CPU only*/,
-                       int64_t act, const Dims& dm) {
+                       at::Tensor& dlnb, at::Tensor& dxp_sum, int64_t act, const Dims& dm) {
+  // only the CPU's compact path asks for dxp's column sums: never leave one unwritten silently
+  TORCH_CHECK(!dxp_sum.defined(), "gca_gate_out_bwd_cuda: dxp_sum is not computed on CUDA");
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t N = dm.B * dm.La;
   const bool ln = ln_w.defined();
