@@ -27,7 +27,9 @@ CSRC = os.path.join("csrc")
 CPU_SOURCES = ["bindings.cpp", "gca_core.cpp", "gca_cpu.cpp", "cosine_cpu.cpp"]
 CUDA_SOURCES = ["bindings_cuda.cpp", "gca_core.cpp", "gca_cuda.cu", "cosine_cuda.cu"]
 # -O3 and OpenMP; no -march=native: the wheel may run on another CPU than the one building it.
-CXX_FLAGS = ["-O3", "-fopenmp"]
+# -fno-math-errno: sqrt may then be a vector instruction (with errno to set, GCC keeps it a scalar
+# call guarded by a branch); nothing here reads errno.
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
 

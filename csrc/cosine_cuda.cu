@@ -77,9 +77,9 @@ __global__ void cos_bwd_kernel(const T* __restrict__ gout,     // () upstream gr
 
 const std::vector<at::ScalarType> kCudaDtypes{at::kFloat, at::kDouble, at::kBFloat16, at::kHalf};
 
-at::Tensor valid_count(const OptT& mask, const at::Tensor& x) {
+at::Tensor valid_count(const OptT& mask, const at::Tensor& x, int64_t rows) {
   return mask.has_value() ? mask->sum(at::kLong)
-                          : at::full({}, x.size(0), x.options().dtype(at::kLong));
+                          : at::full({}, rows, x.options().dtype(at::kLong));
 }
 
 }  // namespace
@@ -95,11 +95,11 @@ at::Tensor cos_fwd_cuda(const at::Tensor& x, const at::Tensor& y, const OptT& ma
       using A = at::opmath_type<scalar_t>;
       cos_rows_kernel<scalar_t, A><<<blocks_for(R), kThreads, 0, stream>>>(
           x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-          mask.has_value() ? mask->data_ptr<bool>() : nullptr, rows.data_ptr<A>(), R, x.size(1), absolute);
+          mask.has_value() ? mask->data_ptr<bool>() : nullptr, rows.data_ptr<A>(), R, x.size(-1), absolute);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  const at::Tensor n = valid_count(mask, x).to(rows.scalar_type()).clamp_min(1);
+  const at::Tensor n = valid_count(mask, x, R).to(rows.scalar_type()).clamp_min(1);
   return (rows.sum() / n).to(x.scalar_type());
 }
 
@@ -111,7 +111,7 @@ std::vector<at::Tensor> cos_bwd_cuda(const at::Tensor& gout, const at::Tensor& x
   TORCH_CHECK(gout.numel() == 1 && gout.device() == x.device() && gout.scalar_type() == x.scalar_type(),
               "cos_bwd (cuda): gout must be a one-element tensor of x's dtype on x's device");
   at::Tensor dx = at::empty_like(x), dy = at::empty_like(y);
-  const at::Tensor n = valid_count(mask, x);
+  const at::Tensor n = valid_count(mask, x, R);
   const at::Tensor go = gout.contiguous();
   if (R > 0) {
     auto stream = c10::cuda::getCurrentCUDAStream();
@@ -120,7 +120,7 @@ std::vector<at::Tensor> cos_bwd_cuda(const at::Tensor& gout, const at::Tensor& x
       cos_bwd_kernel<scalar_t, A><<<blocks_for(R), kThreads, 0, stream>>>(
           go.data_ptr<scalar_t>(), n.data_ptr<int64_t>(), x.data_ptr<scalar_t>(),
           y.data_ptr<scalar_t>(), mask.has_value() ? mask->data_ptr<bool>() : nullptr,
-          dx.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), R, x.size(1), absolute);
+          dx.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), R, x.size(-1), absolute);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

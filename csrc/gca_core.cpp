@@ -138,22 +138,25 @@ Dims check_gca_args(const char* fn, c10::DeviceType dev, const std::vector<at::S
 
 int64_t check_cos_args(const char* fn, c10::DeviceType dev, const std::vector<at::ScalarType>& dtypes,
                        const at::Tensor& x, const at::Tensor& y, const OptT& mask) {
-  TORCH_CHECK(x.defined() && x.dim() == 2, fn, ": x must be (rows, d), got ",
+  // rows of d features with any leading shape (flattened here, not by a reshape per call in
+  // Python)
+  TORCH_CHECK(x.defined() && x.dim() >= 1, fn, ": x must be (..., d), got ",
               x.defined() ? shape_str(x) : std::string("undefined"));
   TORCH_CHECK(x.device().type() == dev, fn, ": x must be a ", c10::DeviceTypeName(dev),
               " tensor, got one on ", x.device());
   bool ok = false;
   for (auto t : dtypes) ok = ok || t == x.scalar_type();
   TORCH_CHECK(ok, fn, ": x has dtype ", x.scalar_type(), "; this backend supports ", dtypes_str(dtypes));
-  TORCH_CHECK(x.size(1) >= 1, fn, ": x must have d >= 1, got ", shape_str(x));
-  check_tensor(fn, "x", x, dev, x.scalar_type(), {x.size(0), x.size(1)});
-  check_tensor(fn, "y", y, dev, x.scalar_type(), {x.size(0), x.size(1)});
+  TORCH_CHECK(x.size(-1) >= 1, fn, ": x must have d >= 1, got ", shape_str(x));
+  check_tensor(fn, "x", x, dev, x.scalar_type(), x.sizes().vec());
+  check_tensor(fn, "y", y, dev, x.scalar_type(), x.sizes().vec());
   if (mask.has_value()) {
     check_mask(fn, "mask", *mask, x);
-    TORCH_CHECK(mask->sizes() == at::IntArrayRef({x.size(0)}), fn, ": mask must have shape (rows,) = (",
-                x.size(0), ",), got ", shape_str(*mask));
+    TORCH_CHECK(mask->sizes() == x.sizes().slice(0, x.dim() - 1), fn,
+                ": mask must have x's shape without its last dimension, ",
+                c10::IntArrayRef(x.sizes().slice(0, x.dim() - 1)), ", got ", shape_str(*mask));
   }
-  return x.size(0);
+  return x.numel() / x.size(-1);
 }
 
 namespace {

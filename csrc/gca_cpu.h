@@ -25,7 +25,7 @@ std::vector<at::Tensor> gca_bwd_cpu(
     const at::Tensor& h, const at::Tensor& g, const at::Tensor& mean, const at::Tensor& rstd,
     const at::Tensor& xa_g, const at::Tensor& xb_g, int64_t n_heads, int64_t act, double ln_eps);
 
-// Mean over valid rows of |cos(x_i, y_i)| (or cos): x, y (rows, d), mask (rows) or None.
+// Mean over valid rows of |cos(x_i, y_i)| (or cos): x, y (..., d), mask (...) or None.
 at::Tensor cos_fwd_cpu(const at::Tensor& x, const at::Tensor& y, const OptT& mask, bool absolute);
 // Gradients (dx, dy) of cos_fwd_cpu for the upstream 0-dim gradient gout.
 std::vector<at::Tensor> cos_bwd_cpu(const at::Tensor& gout, const at::Tensor& x,

@@ -238,6 +238,10 @@ def _define_ops(prefix: str, ext):
     def cos_apply(x, y, mask, absolute):
         if _must_use_op(x, y):
             return cos_fwd(x, y, mask, absolute)
+        if not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)):
+            # nothing to differentiate (a probe under no_grad): no autograd node, ~4 us less a
+            # call, which is ~5% of the whole at (256, 50, 64)
+            return ext.cos_fwd(x, y, mask, absolute)
         return CosEager.apply(x, y, mask, absolute)
 
     return gca_apply, cos_apply
@@ -263,9 +267,9 @@ def _make_backend(gca_fwd, cos_fwd):
         return out[0], out[1]
 
     def cosine_fn(x, y, mask, absolute):
-        d = x.shape[-1]
-        m = None if mask is None else mask.reshape(-1).contiguous()
-        return cos_fwd(x.reshape(-1, d).contiguous(), y.reshape(-1, d).contiguous(), m, bool(absolute))
+        # (..., d) as given: the extension flattens the leading dimensions itself
+        m = None if mask is None else mask.contiguous()
+        return cos_fwd(x.contiguous(), y.contiguous(), m, bool(absolute))
 
     return gca_fn, cosine_fn
 

@@ -361,7 +361,9 @@ def test_compile_fullgraph_forward_and_backward():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (7, 16), (1000, 48), (3, 33, 80)], ids=str)
+# float32 takes sixteen rows at a time: d of whole 16-column blocks, with a partial block, or
+# shorter than one; row counts that end in a partial group; d <= 64 (grouped backward) or not
+@pytest.mark.parametrize("shape", [(1, 1), (7, 16), (1000, 48), (3, 33, 80), (5, 37, 20), (300, 64)], ids=str)
 @pytest.mark.parametrize("absolute", [True, False])
 @pytest.mark.parametrize("masked", [True, False])
 def test_cosine_alignment(shape, absolute, masked):
@@ -381,6 +383,17 @@ def test_cosine_alignment(shape, absolute, masked):
         gx, gy = torch.autograd.grad(out * 0.7, (x, y))
         assert abs(out.item() - ref.item()) <= tol * max(abs(ref.item()), 1e-3)
         assert rel_err(gx, rx) < tol and rel_err(gy, ry) < tol
+
+
+def test_cosine_without_grad_matches_with_grad():
+    # under no_grad (a probe) the extension is called without an autograd node: same value
+    x, y = torch.randn(4, 50, 64), torch.randn(4, 50, 64)
+    mask = torch.rand(4, 50) < 0.5
+    with torch.no_grad():
+        v0 = gca_kernels.cosine_alignment(x, y, mask=mask, backend="cpp")
+    assert v0.grad_fn is None
+    v1 = gca_kernels.cosine_alignment(x.requires_grad_(True), y, mask=mask, backend="cpp")
+    assert v1.grad_fn is not None and torch.equal(v0, v1.detach())
 
 
 def test_cosine_bitwise_across_thread_counts():
@@ -498,5 +511,22 @@ def test_cosine_entry_point_checks():
         _C.cos_fwd(x, y, torch.ones(5), True)
     with pytest.raises(RuntimeError, match="supports Float/Double"):
         _C.cos_fwd(x.half(), y.half(), None, True)
-    with pytest.raises(RuntimeError, match=r"x must be \(rows, d\)"):
-        _C.cos_fwd(torch.randn(2, 5, 4), torch.randn(2, 5, 4), None, True)
+    with pytest.raises(RuntimeError, match=r"x must be \(\.\.\., d\)"):
+        _C.cos_fwd(torch.tensor(1.0), torch.tensor(1.0), None, True)
+    with pytest.raises(RuntimeError, match=r"mask must have x's shape without its last dimension, \[2, 5\]"):
+        _C.cos_fwd(torch.randn(2, 5, 4), torch.randn(2, 5, 4), torch.ones(10, dtype=torch.bool), True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cosine_extension_flattens_leading_dims(dtype):
+    # (..., d) inputs go to the extension as they are; the results must be those of the same
+    # rows flattened to (rows, d), bit for bit
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(3, 7, 20, generator=g, dtype=dtype), torch.randn(3, 7, 20, generator=g, dtype=dtype)
+    m = torch.rand(3, 7, generator=g) > 0.4
+    go = torch.tensor(0.7, dtype=dtype)
+    assert torch.equal(_C.cos_fwd(x, y, m, True), _C.cos_fwd(x.reshape(-1, 20), y.reshape(-1, 20), m.reshape(-1), True))
+    dx, dy = _C.cos_bwd(go, x, y, m, True)
+    dx2, dy2 = _C.cos_bwd(go, x.reshape(-1, 20), y.reshape(-1, 20), m.reshape(-1), True)
+    assert dx.shape == x.shape and dy.shape == y.shape
+    assert torch.equal(dx.reshape(-1, 20), dx2) and torch.equal(dy.reshape(-1, 20), dy2)
