@@ -239,8 +239,9 @@ def _define_ops(prefix: str, ext):
         if _must_use_op(x, y):
             return cos_fwd(x, y, mask, absolute)
         if not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)):
-            # nothing to differentiate (a probe under no_grad): no autograd node, ~4 us less a
-            # call, which is ~5% of the whole at (256, 50, 64)
+            # nothing to differentiate (a probe under no_grad): no autograd node. The Function's
+            # apply alone cost ~4 us a call (6.1 against 1.9 us on tiny inputs), ~8% of the
+            # forward at (256, 50, 64)
             return ext.cos_fwd(x, y, mask, absolute)
         return CosEager.apply(x, y, mask, absolute)
 
