@@ -5,6 +5,9 @@
 // Rows are split into fixed chunks whose partial sums are added in chunk order, so the result
 // is bit-identical whatever the number of threads. Accumulates in float32 (float64 inputs: in
 // float64).
+//
+// The OpenMP regions read and write raw pointers only and call nothing in ATen, so the workers'
+// thread-local state (grad mode, dispatch keys), which is not the caller's, never matters.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
@@ -330,6 +333,7 @@ const bool* mask_ptr(const OptT& m) { return m.has_value() ? m->data_ptr<bool>()
 }  // namespace
 
 at::Tensor cos_fwd_cpu(const at::Tensor& x, const at::Tensor& y, const OptT& mask, bool absolute) {
+  const KernelScope scope;
   check_cos_args("cos_fwd (cpp)", c10::DeviceType::CPU, kCpuDtypes, x, y, mask);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gca_cos_fwd_cpu",
@@ -339,6 +343,7 @@ at::Tensor cos_fwd_cpu(const at::Tensor& x, const at::Tensor& y, const OptT& mas
 
 std::vector<at::Tensor> cos_bwd_cpu(const at::Tensor& gout, const at::Tensor& x,
                                     const at::Tensor& y, const OptT& mask, bool absolute) {
+  const KernelScope scope;
   check_cos_args("cos_bwd (cpp)", c10::DeviceType::CPU, kCpuDtypes, x, y, mask);
   TORCH_CHECK(gout.numel() == 1 && gout.device().is_cpu(),
               "cos_bwd (cpp): gout must be a one-element CPU tensor, got ", gout.sizes());

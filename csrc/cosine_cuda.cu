@@ -87,6 +87,7 @@ at::Tensor valid_count(const OptT& mask, const at::Tensor& x, int64_t rows) {
 at::Tensor cos_fwd_cuda(const at::Tensor& x, const at::Tensor& y, const OptT& mask, bool absolute) {
   TORCH_CHECK(x.is_cuda(), "cos_fwd (cuda): x must be a CUDA tensor, got one on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
+  const KernelScope scope;
   const int64_t R = check_cos_args("cos_fwd (cuda)", c10::DeviceType::CUDA, kCudaDtypes, x, y, mask);
   at::Tensor rows = at::empty({R}, x.options().dtype(acc_dtype(x.scalar_type())));
   if (R > 0) {
@@ -107,6 +108,7 @@ std::vector<at::Tensor> cos_bwd_cuda(const at::Tensor& gout, const at::Tensor& x
                                      const at::Tensor& y, const OptT& mask, bool absolute) {
   TORCH_CHECK(x.is_cuda(), "cos_bwd (cuda): x must be a CUDA tensor, got one on ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
+  const KernelScope scope;
   const int64_t R = check_cos_args("cos_bwd (cuda)", c10::DeviceType::CUDA, kCudaDtypes, x, y, mask);
   TORCH_CHECK(gout.numel() == 1 && gout.device() == x.device() && gout.scalar_type() == x.scalar_type(),
               "cos_bwd (cuda): gout must be a one-element tensor of x's dtype on x's device");

@@ -337,7 +337,7 @@ struct Rows {
     const char* src = static_cast<const char*>(t.data_ptr());
     char* dst = static_cast<char*>(out.data_ptr());
     const int64_t* ip = idx.data_ptr<int64_t>();
-    at::parallel_for(0, n, 64, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, n, 64, [&](int64_t c0, int64_t c1) {  // raw copies, no ATen call
       for (int64_t c = c0; c < c1; ++c) std::memcpy(dst + c * row, src + ip[c] * row, row);
     });
     return out;
@@ -360,7 +360,7 @@ struct Rows {
     char* dst = static_cast<char*>(out.data_ptr());
     const int64_t* ip = idx.data_ptr<int64_t>();
     // compact rows [c0, c1) land in full rows [ip[c0], ip[c1]); the gaps are the inactive rows
-    at::parallel_for(0, n + 1, 64, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, n + 1, 64, [&](int64_t c0, int64_t c1) {  // raw copies, no ATen call
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t gap_begin = c == 0 ? 0 : ip[c - 1] + 1, gap_end = c == n ? total : ip[c];
         if (gap_end > gap_begin) std::memset(dst + gap_begin * row, 0, (gap_end - gap_begin) * row);
@@ -378,7 +378,7 @@ struct Rows {
     AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "gca_add_rows", [&] {
       const scalar_t* src = c.data_ptr<scalar_t>();
       scalar_t* dst = out.data_ptr<scalar_t>();
-      at::parallel_for(0, n, 64, [&](int64_t c0, int64_t c1) {
+      at::parallel_for(0, n, 64, [&](int64_t c0, int64_t c1) {  // raw memory, no ATen call
         for (int64_t r = c0; r < c1; ++r) {
           scalar_t* o = dst + ip[r] * cols;
           const scalar_t* a = src + r * cols;
@@ -426,7 +426,8 @@ void weight_grad_into(at::Tensor& out, const at::Tensor& g, const at::Tensor& a)
   }
   at::Tensor second = recycled_empty(out.sizes(), out.options());
   const int64_t h = n / 2;
-  at::parallel_for(0, 2, 1, [&](int64_t p0, int64_t p1) {
+  // ATen products on worker threads: they must run with the caller's state (KernelScope)
+  parallel_for_as_caller(0, 2, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       at::Tensor dst = p == 0 ? out : second;
       at::mm_out(dst, g.narrow(0, p * h, p ? n - h : h).t(), a.narrow(0, p * h, p ? n - h : h));
@@ -489,7 +490,7 @@ Rows active_query_rows(c10::DeviceType dev, const at::Tensor& kpm, const at::Ten
   const bool* ap = am.defined() ? am.data_ptr<bool>() : nullptr;
   const bool am_shared = am.defined() && am.size(0) == 1;
   std::vector<uint8_t> active(N);
-  at::parallel_for(0, dm.B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, dm.B, 1, [&](int64_t b0, int64_t b1) {  // raw memory, no ATen call
     std::vector<int64_t> keys(Lb);  // unpadded key positions of batch row b
     for (int64_t b = b0; b < b1; ++b) {
       int64_t nk = 0;
@@ -537,6 +538,7 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
                                     const OptT& ln_w, const OptT& ln_b, const OptT& kpm,
                                     const OptT& am, int64_t n_heads, int64_t act, double ln_eps,
                                     bool custom_op) {
+  const KernelScope scope;  // autograd and autocast see none of the calls below
   const Dims dm = check_gca_args(fn, dev, dtypes, x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1,
                                  b1, w2, b2, ln_w, ln_b, kpm, am, n_heads, act);
   const int64_t N = dm.B * dm.La, M = dm.B * dm.Lb, d = dm.d;
@@ -630,6 +632,7 @@ std::vector<at::Tensor> gca_backward(
     const at::Tensor& o, const at::Tensor& lse, const at::Tensor& xp, const at::Tensor& h,
     const at::Tensor& g, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& xa_g,
     const at::Tensor& xb_g, int64_t n_heads, int64_t act, double ln_eps) {
+  const KernelScope scope;  // autograd and autocast see none of the calls below
   const Dims dm = check_gca_args(fn, dev, dtypes, x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1,
                                  b1, w2, b2, ln_w, ln_b, kpm, am, n_heads, act);
   const int64_t N = dm.B * dm.La, M = dm.B * dm.Lb, d = dm.d, hid = dm.hidden;

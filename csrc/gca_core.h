@@ -7,6 +7,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <optional>
 #include <vector>
@@ -89,6 +93,29 @@ struct GCAKernels {
 };
 
 using OptT = std::optional<at::Tensor>;
+
+// Every entry point of the extensions runs under this guard. The ATen calls inside are steps of
+// one operator whose gradients the extension computes itself, so autograd must not see them (it
+// rejects out= products of tensors that require grad while grad mode is on, which is the state
+// of a custom op's body and of any thread the caller did not set up), and autocast must not
+// re-cast their operands (the operator's dtype was chosen before the call).
+struct KernelScope {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+};
+
+// at::parallel_for whose workers run with the calling thread's thread-local state (grad mode,
+// excluded dispatch keys, autocast, ...). OpenMP workers start from the defaults (grad mode on,
+// no key excluded), so an ATen call on a worker would not see the caller's KernelScope. Every
+// parallel region that calls ATen goes through this; the others touch raw pointers only.
+template <class F>
+void parallel_for_as_caller(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const at::ThreadLocalState state;
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    at::ThreadLocalStateGuard guard(state);
+    f(b, e);
+  });
+}
 
 // Checks every argument (device, dtype, shape, contiguity) and names the one that is wrong.
 Dims check_gca_args(const char* fn, c10::DeviceType dev, const std::vector<at::ScalarType>& dtypes,

@@ -18,6 +18,9 @@
 // reductions (bias and LayerNorm gradients) use fixed row chunks reduced in chunk order,
 // so results are bit-identical run to run, whatever the number of threads. The attention
 // backward runs one batch row per task, so k/v gradients accumulate in a fixed order.
+//
+// The OpenMP regions read and write raw pointers only and call nothing in ATen, so the workers'
+// thread-local state (grad mode, dispatch keys), which is not the caller's, never matters.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <omp.h>

@@ -51,6 +51,12 @@ class Backend:
     gca_fn: Callable
     cosine_fn: Callable
     supports: Callable[[torch.device, torch.dtype], Optional[str]]
+    # The dtype GCA computes in under autocast to a half dtype: None = that half dtype itself
+    # (float32 accumulation inside); the cpp backend, which has no half kernels, says float32.
+    autocast_compute: Optional[torch.dtype] = None
+
+    def compute_dtype(self, autocast_dtype: torch.dtype) -> torch.dtype:
+        return self.autocast_compute or autocast_dtype
 
 
 class BackendUnavailableError(RuntimeError):
@@ -62,10 +68,11 @@ _LOAD_ERRORS: Dict[str, str] = {}
 _loaded = False
 
 
-def register_backend(name: str, *, gca_fn: Callable, cosine_fn: Callable, supports: Callable) -> None:
+def register_backend(name: str, *, gca_fn: Callable, cosine_fn: Callable, supports: Callable,
+                     autocast_compute: Optional[torch.dtype] = None) -> None:
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend name must be one of {BACKEND_NAMES}, got {name!r}")
-    _REGISTRY[name] = Backend(name, gca_fn, cosine_fn, supports)
+    _REGISTRY[name] = Backend(name, gca_fn, cosine_fn, supports, autocast_compute)
 
 
 def _eager_backend() -> Backend:
@@ -95,10 +102,20 @@ def _load_all() -> None:
             _LOAD_ERRORS[name] = "its module loaded but did not register it (not built for this machine)"
 
 
+def _devices_here() -> List[torch.device]:
+    return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+
 def available_backends() -> List[str]:
-    """Backends installed on this machine, in :data:`BACKEND_NAMES` order."""
+    """Backends installed that can run on this machine, in :data:`BACKEND_NAMES` order.
+
+    A backend counts when it serves float32 on a device present here: ``triton`` needs a CUDA
+    GPU (or ``TRITON_INTERPRET=1``), ``cuda`` a CUDA GPU, ``cpp`` the compiled extension.
+    """
     _load_all()
-    return [n for n in BACKEND_NAMES if n in _REGISTRY]
+    here = _devices_here()
+    return [n for n in BACKEND_NAMES if n in _REGISTRY
+            and any(_REGISTRY[n].supports(dev, torch.float32) is None for dev in here)]
 
 
 def release_cpu_workspace() -> int:
@@ -145,23 +162,29 @@ def _triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> Backend:
+def resolve(backend: str, device: torch.device, dtype: torch.dtype,
+            autocast_dtype: Optional[torch.dtype] = None) -> Backend:
     """The backend serving tensors on ``device`` of ``dtype``.
 
     ``"auto"`` (or ``GCA_BACKEND`` when set) picks the first backend of :data:`AUTO_ORDER`
-    able to serve; a forced backend that cannot serve raises and says why.
+    able to serve; a forced backend that cannot serve raises and says why. Under autocast
+    (``autocast_dtype`` given) each backend is asked about the dtype it would compute in
+    (:meth:`Backend.compute_dtype`), not about ``dtype``.
     """
+    def wanted(b: Backend) -> torch.dtype:
+        return dtype if autocast_dtype is None else b.compute_dtype(autocast_dtype)
+
     if backend == "auto":
         backend = os.environ.get("GCA_BACKEND", "auto") or "auto"
     if backend != "auto":
         b = get_backend(backend)
-        why = b.supports(device, dtype)
+        why = b.supports(device, wanted(b))
         if why is not None:
             raise BackendUnavailableError(f"GCA backend {backend!r} cannot serve this call: {why}")
         return b
     _load_all()
     for name in AUTO_ORDER.get(device.type, ("eager",)):
         b = _REGISTRY.get(name)
-        if b is not None and b.supports(device, dtype) is None:
+        if b is not None and b.supports(device, wanted(b)) is None:
             return b
     return _REGISTRY["eager"]

@@ -69,8 +69,8 @@ def check_gca_inputs(
         raise ValueError(f"x_a and x_b must have the same batch size, got x_a {_shape(x_a)} and x_b {_shape(x_b)}")
     if x_b.shape[2] != d:
         raise ValueError(f"x_a and x_b must have the same feature size d, got x_a {_shape(x_a)} and x_b {_shape(x_b)}")
-    if la == 0 or lb == 0 or d == 0:
-        raise ValueError(f"x_a {_shape(x_a)} and x_b {_shape(x_b)} must have La, Lb, d >= 1")
+    if d == 0:
+        raise ValueError(f"x_a {_shape(x_a)} and x_b {_shape(x_b)} must have d >= 1")
     if not isinstance(n_heads, int) or n_heads < 1:
         raise ValueError(f"n_heads must be a positive int, got {n_heads!r}")
     if d % n_heads != 0:
@@ -134,12 +134,50 @@ def gated_cross_attention(
     with the per-row cos(x_a, x') (B, La) when ``need_alignment``.
     """
     p = GCAParams(wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b)
+    low = _autocast_dtype(x_a, x_b, *p)
+    impl = None
+    if low is not None:
+        # autocast: every float16/bfloat16/float32 operand goes to the dtype the backend computes
+        # in (the autocast dtype, or float32 for cpp), differentiably, as torch's own ops do
+        impl = resolve(backend, x_a.device, low, autocast_dtype=low)
+        compute = impl.compute_dtype(low)
+        x_a, x_b = _cast(x_a, compute), _cast(x_b, compute)
+        p = GCAParams(*(None if t is None else _cast(t, compute) for t in p))
     attn_mask = check_gca_inputs(x_a, x_b, p, key_padding_mask, attn_mask, n_heads, activation)
-    impl = resolve(backend, x_a.device, x_a.dtype)
+    if x_a.numel() == 0 or x_b.shape[1] == 0:
+        # an empty batch or sequence: the reference gives the empty (or, with no keys, the
+        # x' = 0) result and keeps the parameters in the graph, like torch's own layers
+        impl = resolve("eager", x_a.device, x_a.dtype)
+    elif impl is None:
+        impl = resolve(backend, x_a.device, x_a.dtype)
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.contiguous()
-    y, cos = impl.gca_fn(x_a, x_b, p, key_padding_mask, attn_mask, n_heads, activation, float(ln_eps))
+    if low is None:
+        y, cos = impl.gca_fn(x_a, x_b, p, key_padding_mask, attn_mask, n_heads, activation,
+                             float(ln_eps))
+    else:
+        with torch.autocast(x_a.device.type, enabled=False):  # the dtype is chosen: keep it
+            y, cos = impl.gca_fn(x_a, x_b, p, key_padding_mask, attn_mask, n_heads, activation,
+                                 float(ln_eps))
+        y, cos = y.to(low), cos.to(low)
     return (y, cos) if need_alignment else y
+
+
+def _autocast_dtype(*tensors) -> Optional[torch.dtype]:
+    """The autocast dtype when autocast is on for the tensors' device and none is float64
+    (autocast leaves float64 alone, as torch does); None otherwise."""
+    first = tensors[0]
+    if not isinstance(first, Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return None
+    if any(isinstance(t, Tensor) and t.dtype == torch.float64 for t in tensors):
+        return None
+    return torch.get_autocast_dtype(first.device.type)
+
+
+def _cast(t, dtype: torch.dtype):
+    if isinstance(t, Tensor) and t.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return t.to(dtype)
+    return t
 
 
 def cosine_alignment(
@@ -153,6 +191,10 @@ def cosine_alignment(
     """
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
         raise TypeError("x and y must be torch.Tensors")
+    low = _autocast_dtype(x, y)
+    if low is not None:
+        # like torch's cosine_similarity under autocast: computed and returned in float32
+        x, y = _cast(x, torch.float32), _cast(y, torch.float32)
     _check_float("x", x, x.dtype, x.device)
     _check_float("y", y, x.dtype, x.device)
     if x.shape != y.shape:
@@ -168,4 +210,7 @@ def cosine_alignment(
         if mask.device != x.device:
             raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
     impl = resolve(backend, x.device, x.dtype)
-    return impl.cosine_fn(x, y, mask, bool(absolute))
+    if low is None:
+        return impl.cosine_fn(x, y, mask, bool(absolute))
+    with torch.autocast(x.device.type, enabled=False):
+        return impl.cosine_fn(x, y, mask, bool(absolute))

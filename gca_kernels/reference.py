@@ -37,7 +37,13 @@ def _visible_keys(
 
 
 def rowwise_cosine(a: Tensor, b: Tensor, eps: float = COS_EPS) -> Tensor:
-    """cos(a_i, b_i) over the last dimension with the contract's denominator floor."""
+    """cos(a_i, b_i) over the last dimension with the contract's denominator floor.
+
+    Half-precision inputs are reduced in float32, as the fused kernels do: in float16 the
+    floor 1e-8 would round to 0 and a zero row would give 0 / 0.
+    """
+    if a.dtype in (torch.float16, torch.bfloat16):
+        return rowwise_cosine(a.float(), b.float(), eps).to(a.dtype)
     dot = (a * b).sum(-1)
     den = a.norm(dim=-1) * b.norm(dim=-1)
     return dot / den.clamp_min(eps)
@@ -89,7 +95,10 @@ def gated_cross_attention_ref(
         raise ValueError(f"activation must be 'sigmoid' or 'tanh', got {activation!r}")
     z = x_a + g * x_prime
     y = F.layer_norm(z, (d,), ln_w, ln_b, ln_eps) if ln_w is not None else z
-    return y, rowwise_cosine(x_a, x_prime)
+    # cos is 0 on rows without a key (x' = 0); masking it there as well keeps the gradient of
+    # the cosine at x' = 0 (x_a / COS_EPS, which overflows float16) out of the backward
+    cos = rowwise_cosine(x_a, x_prime) * has_key.to(x_prime.dtype)
+    return y, cos
 
 
 def cosine_alignment_ref(

@@ -296,7 +296,9 @@ _C_CUDA, _C_CUDA_ERROR = _load_extension("_C_cuda")
 
 if _C is not None:
     _gca_fn, _cosine_fn = _make_backend(*_define_ops("cpp", _C))
-    register_backend("cpp", gca_fn=_gca_fn, cosine_fn=_cosine_fn, supports=_cpu_supports)
+    # under autocast the CPU kernels compute in float32 (they have no half-precision paths)
+    register_backend("cpp", gca_fn=_gca_fn, cosine_fn=_cosine_fn, supports=_cpu_supports,
+                     autocast_compute=torch.float32)
 if _C_CUDA is not None:
     _gca_fn, _cosine_fn = _make_backend(*_define_ops("cuda", _C_CUDA))
     register_backend("cuda", gca_fn=_gca_fn, cosine_fn=_cosine_fn, supports=_cuda_supports)
