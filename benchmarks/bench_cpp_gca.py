@@ -25,7 +25,7 @@ def workload(op, pas, shape, fn):
     if op == "gca":
         args, grad_leaves = (leaves, kpm, causal), leaves
     else:
-        args, grad_leaves = (leaves[0], leaves[1], ~kpm), leaves[:2]
+        args, grad_leaves = (leaves[0], leaves[1], None if kpm is None else ~kpm), leaves[:2]
     if not need_grad:
         def run():
             with torch.no_grad():
@@ -54,13 +54,15 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument("--ops", default="gca,cosine")
+    ap.add_argument("--masks", default="padded,dense", help="input kinds: padded, dense")
+    ap.add_argument("--passes", default="fwd,fwd_bwd")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("op | pass | shape | eager ms | compile ms | cpp ms | x eager | x compile | peak MiB eager/cpp")
     for op in args.ops.split(","):
-        for shape in CPU_SHAPES:
+        for shape in [s for s in CPU_SHAPES if s.masks in args.masks.split(",")]:
             fns = impls(op, shape.heads, args.skip_compile)
-            for pas in ("fwd", "fwd_bwd"):
+            for pas in args.passes.split(","):
                 runs = {k: workload(op, pas, shape, f) for k, f in fns.items()}
                 for r in runs.values():  # warm-up (compilation)
                     r(); r()

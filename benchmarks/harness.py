@@ -27,27 +27,37 @@ class Shape:
     L: int
     d: int
     heads: int
+    # "padded": left-padded histories of random lengths under a causal cross mask (what the
+    # backbones feed: about half the keys padded, many query rows keyless); "dense": full-length
+    # sequences, no mask (what a user with full-length sequences has; nothing to skip)
+    masks: str = "padded"
 
     def __str__(self) -> str:
-        return f"B{self.B}-L{self.L}-d{self.d}-h{self.heads}"
+        base = f"B{self.B}-L{self.L}-d{self.d}-h{self.heads}"
+        return base if self.masks == "padded" else f"{base}-{self.masks}"
 
 
-CPU_SHAPES = [Shape(256, 50, 64, 2), Shape(256, 50, 256, 2), Shape(128, 200, 128, 1)]
-GPU_SHAPES = CPU_SHAPES + [Shape(1024, 50, 256, 2), Shape(256, 200, 128, 4)]
+_SIZES = [(256, 50, 64, 2), (256, 50, 256, 2), (128, 200, 128, 1)]
+CPU_SHAPES = [Shape(*s, masks=m) for s in _SIZES for m in ("padded", "dense")]
+GPU_SHAPES = [Shape(*s) for s in _SIZES] + [Shape(1024, 50, 256, 2), Shape(256, 200, 128, 4)]
 # bf16 only for the two large GPU shapes of the issue; float32 everywhere else
 GPU_BF16_SHAPES = [Shape(1024, 50, 256, 2), Shape(256, 200, 128, 4)]
 
 
 def make_inputs(shape: Shape, device: str, dtype: torch.dtype, requires_grad: bool, seed: int = 0):
-    """A GCA problem shaped like the backbones': left-padded histories, causal cross mask."""
+    """A GCA problem: x_a, x_b, the weights (the leaves), the key padding mask and the cross
+    mask (both None for ``masks="dense"``)."""
     g = torch.Generator().manual_seed(seed)
     B, L, d = shape.B, shape.L, shape.d
     x_a = torch.randn(B, L, d, generator=g)
     x_b = torch.randn(B, L, d, generator=g)
-    # left padding: each user has between 1 and L items
-    lengths = torch.randint(1, L + 1, (B,), generator=g)
-    kpm = torch.arange(L)[None, :] < (L - lengths)[:, None]
-    causal = torch.ones(L, L, dtype=torch.bool).triu(1)  # query t sees keys <= t
+    if shape.masks == "dense":
+        kpm = causal = None
+    else:
+        # left padding: each user has between 1 and L items
+        lengths = torch.randint(1, L + 1, (B,), generator=g)
+        kpm = torch.arange(L)[None, :] < (L - lengths)[:, None]
+        causal = torch.ones(L, L, dtype=torch.bool).triu(1)  # query t sees keys <= t
     w = 1 / math.sqrt(d)
     params = [torch.randn(d, d, generator=g) * w, torch.zeros(d)] * 4
     params += [torch.randn(d, 2 * d, generator=g) * w / math.sqrt(2), torch.zeros(d),
@@ -55,7 +65,8 @@ def make_inputs(shape: Shape, device: str, dtype: torch.dtype, requires_grad: bo
     ln = [torch.ones(d), torch.zeros(d)]
     leaves = [x_a, x_b] + params + ln
     leaves = [t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in leaves]
-    return leaves, kpm.to(device), causal.to(device)
+    to = (lambda t: None if t is None else t.to(device))  # noqa: E731
+    return leaves, to(kpm), to(causal)
 
 
 def gca_call(impl: Callable, heads: int):

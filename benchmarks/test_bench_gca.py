@@ -90,7 +90,7 @@ def _workload(op: str, pas: str, device: str, dtype, shape: Shape, impl: str):
         args, grad_leaves = (leaves, kpm, causal), leaves
     else:
         x, y = leaves[0], leaves[1]
-        args, grad_leaves = (x, y, ~kpm), [x, y]
+        args, grad_leaves = (x, y, None if kpm is None else ~kpm), [x, y]
 
     if not need_grad:
         def run():

@@ -1,10 +1,16 @@
 """Each backbone, with GCA at every position, gives the same loss and gradients whichever
-`gca_backend` runs the operator. The batches are wide enough (more than 128 query rows per
-GCA call, about half of them padding) that the C++ backend takes its row-compacted path,
-which skips padded keys and keyless query rows in its products: a wrong skip shows here as a
-loss or gradient that no longer matches the eager reference."""
+`gca_backend` runs the operator, at 2 threads, on two kinds of batch:
+
+- "padded": short random histories in a 13-wide timeline (about half the keys padding, many
+  keyless query rows): the C++ backend takes its row-compacted path;
+- "dense": full-length timelines of 96 users (1,152 query rows per GCA call, nearly every row
+  sees a key): the dense path, with the weight-gradient products split over two threads
+  (from 1,024 rows), which is where dense training once crashed.
+"""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,11 +26,16 @@ if "cpp" not in gca_kernels.available_backends():
     pytest.skip(f"cpp backend not built: {_LOAD_ERRORS.get('cpp')}", allow_module_level=True)
 
 SETUPS = {
+    "sasrec": ({"hidden": 16, "max_len": 12, "ffn_inner": 24, "n_neg": 3, "dropout": 0.0,
+                "gca_heads": 2}, [0, 1]),
     "abxi": ({"hidden": 16, "n_heads": 2, "ffn_inner": 24, "lora_rank_d": 4, "lora_rank_i": 4,
               "max_len": 12, "n_neg": 8, "gca_heads": 2}, [0, 1, 2]),
     "cdsrnp": ({"hidden": 16, "ffn_inner": 16, "latent": 4, "set_hidden": 12, "n_neg": 6,
                 "max_len": 12, "gca_heads": 2}, [0, 1]),
+    "llm4cdsr": ({"hidden": 16, "ffn_inner": 16, "global_dim": 24, "adapter_hidden": 20,
+                  "max_len": 12, "gca_heads": 2, "dropout": 0.0}, [0, 1, 2]),
 }
+BATCHES = {"padded": (32, 2), "dense": (96, 13)}  # users, shortest history (width 13)
 
 
 def _pair(name, tmp_path):
@@ -32,27 +43,42 @@ def _pair(name, tmp_path):
     built = {}
     for backend in ("eager", "cpp"):
         torch.manual_seed(0)
-        m = models.build_model(name, N_A, N_B, dict(cfg, gca_positions=positions, gca_backend=backend))
+        m = models.build_model(name, N_A, N_B, dict(cfg, gca_positions=positions, gca_backend=backend,
+                                                    **({"emb_cache_dir": str(tmp_path)} if name == "llm4cdsr" else {})))
+        if hasattr(m, "prepare_data"):
+            tl = random_timelines(12, 10, np.random.default_rng(0), min_len=5)
+            rows = [r[r > 0] for r in tl]
+            m.prepare_data(SimpleNamespace(
+                offsets=np.concatenate([[0], np.cumsum([len(r) for r in rows])]),
+                items=np.concatenate(rows), n_items_a=N_A, n_items_b=N_B))
         built[backend] = m
     built["cpp"].load_state_dict(built["eager"].state_dict())
     return built["eager"], built["cpp"]
 
 
+@pytest.mark.parametrize("kind", sorted(BATCHES))
 @pytest.mark.parametrize("name", sorted(SETUPS))
-def test_loss_and_gradients_match_eager(name, tmp_path):
+def test_loss_and_gradients_match_eager(name, kind, tmp_path):
     rng = np.random.default_rng(3)
-    # short random histories in a 13-wide timeline: many padded keys and keyless query rows
-    timelines = random_timelines(32, 13, rng, min_len=2)
+    users, min_len = BATCHES[kind]
+    timelines = random_timelines(users, 13, rng, min_len=min_len)
     eager, cpp = _pair(name, tmp_path)
     batch = train_batch(timelines, eager.n_negatives, rng)
     results = []
-    for m in (eager, cpp):
-        torch.manual_seed(1)  # same latent samples (CDSRNP) and negatives in both runs
-        loss, _ = m.loss(batch)
-        loss.backward()
-        results.append((loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for m in (eager, cpp):
+            torch.manual_seed(1)  # same latent samples (CDSRNP) and negatives in both runs
+            loss, _ = m.loss(batch)
+            loss.backward()
+            results.append((loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters()
+                                            if p.grad is not None}))
+    finally:
+        torch.set_num_threads(before)
     (loss_e, grads_e), (loss_c, grads_c) = results
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    assert grads_e.keys() == grads_c.keys()
     for k, g in grads_e.items():
         torch.testing.assert_close(grads_c[k], g, rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
     # the GCA parameters really were trained through the operator
