@@ -46,6 +46,8 @@ class SyntheticSpec:
                 raise ValueError(f"synthetic {name} must be >= 1, got {getattr(self, name)}")
         if self.min_len < 3:
             raise ValueError(f"synthetic min_len must be >= 3 (leave-one-out), got {self.min_len}")
+        if not self.mean_len > 0:
+            raise ValueError(f"synthetic mean_len must be > 0, got {self.mean_len}")
         if self.max_len < self.min_len:
             raise ValueError(f"synthetic max_len ({self.max_len}) < min_len ({self.min_len})")
         if self.n_clusters > min(self.n_items_a, self.n_items_b):
@@ -63,6 +65,17 @@ PRESETS = {
     "afk": SyntheticSpec(n_users=7144, n_items_a=11837, n_items_b=16258, mean_len=24.3,
                          n_clusters=64),
 }
+
+# Run-config defaults a preset changes (keys the user sets win). `tiny`'s domains have 40 and
+# 60 items and its users at most 20 interactions, so every user has at least 20 unseen items
+# in each domain: 20 evaluation negatives always fit, the paper's 999 never do.
+PRESET_DEFAULTS = {
+    "tiny": {"eval_negatives": 20},
+}
+
+# SyntheticSpec field -> run-config key (`--set syn_users=...` overrides the preset's value).
+SYNTHETIC_KEYS = {"n_users": "syn_users", "n_items_a": "syn_items_a", "n_items_b": "syn_items_b",
+                  "mean_len": "syn_mean_len", "signal": "syn_signal", "seed": "data_seed"}
 
 
 def _draw_items(rng, cluster, n_items, k, skew, offset):
