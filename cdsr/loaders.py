@@ -15,14 +15,15 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from cdsr.dataset import CDSRDataset, DataError, from_timelines
+from cdsr.dataset import MIN_TIMELINE, CDSRDataset, DataError, from_timelines
 
 log = logging.getLogger("cdsr.data")
 
@@ -34,18 +35,63 @@ ABXI_DOMAINS = {"abe": ("Beauty", "Electronics"), "afk": ("Food", "Kitchen")}
 # (a) ABXI preprocessed format
 # ---------------------------------------------------------------------------------------
 def _read_item_counts(map_path: Path) -> Tuple[int, int]:
+    """(items of A, items of B) from `map_item_*.txt`, whose ids must be A = 1..nA and
+    B = nA+1..nA+nB (the id layout the rest of the pipeline relies on)."""
     try:
-        mapping = json.loads(map_path.read_text())
+        mapping = json.loads(map_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{map_path}: not a text file (expected JSON {{ASIN: [id, domain]}})") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{map_path}: not valid JSON ({e})") from e
+        raise DataError(f"{map_path}: not valid JSON ({e})") from None
     if not isinstance(mapping, dict) or not mapping:
         raise DataError(f"{map_path}: expected a non-empty JSON object {{ASIN: [id, domain]}}")
-    n = [0, 0]
+    ids: List[List[int]] = [[], []]
     for asin, v in mapping.items():
-        if not (isinstance(v, list) and len(v) == 2 and v[1] in (0, 1)):
+        if not (isinstance(v, list) and len(v) == 2 and v[1] in (0, 1) and type(v[0]) is int):
             raise DataError(f"{map_path}: entry {asin!r} is {v!r}, expected [id, 0|1]")
-        n[v[1]] += 1
-    return n[0], n[1]
+        ids[v[1]].append(v[0])
+    n_a, n_b = len(ids[0]), len(ids[1])
+    for dom, lo in ((0, 1), (1, n_a + 1)):
+        got = sorted(ids[dom])
+        if got != list(range(lo, lo + len(got))):
+            raise DataError(f"{map_path}: domain {dom} ids must be {lo}..{lo + len(got) - 1} "
+                            f"(A first, then B), got {got[0]}..{got[-1]} with gaps or repeats")
+    return n_a, n_b
+
+
+def _text_lines(path: Path, expected: str) -> Iterator[Tuple[int, str]]:
+    """(line number, text) of a UTF-8 file; a line that is not UTF-8 is a DataError naming it
+    (decoded line by line: a decoder reading ahead would misplace the line number)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({expected})") from None
+
+
+def _parse_abxi_line(parts: List[str], where: str, n_items: int) -> Tuple[List[int], List[int]]:
+    """`uid item|ts item|ts ...` -> (items, timestamps); errors say which field is wrong."""
+    if not parts[0].isdecimal():
+        raise DataError(f"{where}: the user id {parts[0]!r} is not a non-negative integer "
+                        f"(expected 'uid item|ts item|ts ...')")
+    items: List[int] = []
+    times: List[int] = []
+    for j, tok in enumerate(parts[1:], 2):
+        item, sep, ts = tok.partition("|")
+        if not sep or not item.isdecimal() or not ts.removeprefix("-").isdecimal():
+            raise DataError(f"{where}: field {j} is {tok!r}, expected 'item|timestamp' (two integers)")
+        i = int(item)
+        if not 1 <= i <= n_items:
+            raise DataError(f"{where}: unknown item id {i} in field {j} (valid ids are 1..{n_items})")
+        items.append(i)
+        times.append(int(ts))
+    if len(items) < MIN_TIMELINE:
+        # A preprocessed file never holds such a user (ABXI keeps >= 5 per domain): the line is
+        # cut short, or the file is not in this format.
+        raise DataError(f"{where}: user {parts[0]} has {len(items)} interaction(s), fewer than the "
+                        f"{MIN_TIMELINE} leave-one-out needs (a truncated line?)")
+    return items, times
 
 
 def load_abxi(data_dir: str | os.PathLike, name: Optional[str] = None) -> CDSRDataset:
@@ -66,24 +112,13 @@ def load_abxi(data_dir: str | os.PathLike, name: Optional[str] = None) -> CDSRDa
 
     timelines: List[np.ndarray] = []
     times: List[np.ndarray] = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            try:
-                int(parts[0])
-                pairs = np.array([p.split("|") for p in parts[1:]], dtype=np.int64)
-            except ValueError as e:
-                raise DataError(f"{path}:{lineno}: expected 'uid item|ts item|ts ...' ({e})") from None
-            if pairs.ndim != 2 or pairs.shape[1] != 2:
-                raise DataError(f"{path}:{lineno}: expected 'uid item|ts item|ts ...'")
-            bad = (pairs[:, 0] < 1) | (pairs[:, 0] > n_items)
-            if bad.any():
-                raise DataError(f"{path}:{lineno}: unknown item id {int(pairs[bad][0, 0])} "
-                                f"(valid ids are 1..{n_items} per {Path(maps[0]).name})")
-            timelines.append(pairs[:, 0])
-            times.append(pairs[:, 1])
+    for lineno, line in _text_lines(path, "expected 'uid item|ts item|ts ...'"):
+        parts = line.split()
+        if not parts:
+            continue
+        items, ts = _parse_abxi_line(parts, f"{path}:{lineno}", n_items)
+        timelines.append(np.array(items, dtype=np.int64))
+        times.append(np.array(ts, dtype=np.int64))
     if not timelines:
         raise DataError(f"{path}: the file is empty")
     return from_timelines(name, n_a, n_b, timelines, times, source=str(path),
@@ -100,15 +135,14 @@ _ASIN = re.compile(r"^[0-9A-Z]{10}$")
 
 def detect_csv_order(path: Path, sample: int = 2000) -> str:
     votes = [0, 0]
-    with open(path) as f:
-        for i, line in enumerate(f):
-            if i >= sample:
-                break
-            cols = line.strip().split(",")
-            if len(cols) < 4:
-                continue
-            votes[0] += bool(_ASIN.match(cols[0]))
-            votes[1] += bool(_ASIN.match(cols[1]))
+    for lineno, line in _text_lines(path, "expected a ratings CSV: user,item,rating,timestamp"):
+        if lineno > sample:
+            break
+        cols = line.strip().split(",")
+        if len(cols) < 4:
+            continue
+        votes[0] += bool(_ASIN.match(cols[0]))
+        votes[1] += bool(_ASIN.match(cols[1]))
     if votes[0] == votes[1]:
         raise DataError(f"{path}: cannot tell which column holds item ids; pass --csv-order "
                         f"user-item (2014 releases) or item-user (2018 releases)")
@@ -136,21 +170,26 @@ def read_ratings_csv(path: str | os.PathLike, order: str = "auto",
     user_vocab = {} if user_vocab is None else user_vocab
     item_vocab: Dict[str, int] = {}
     users, items, ts = [], [], []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            cols = line.split(",")
-            if len(cols) != 4:
-                raise DataError(f"{path}:{lineno}: expected 4 comma-separated columns, got {len(cols)}")
-            try:
-                t = int(float(cols[3]))
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: timestamp {cols[3]!r} is not a number") from None
-            users.append(user_vocab.setdefault(cols[ui[0]], len(user_vocab)))
-            items.append(item_vocab.setdefault(cols[ui[1]], len(item_vocab)))
-            ts.append(t)
+    for lineno, line in _text_lines(path, "expected a ratings CSV"):
+        line = line.strip()
+        if not line:
+            continue
+        cols = line.split(",")
+        if len(cols) != 4:
+            raise DataError(f"{path}:{lineno}: expected 4 comma-separated columns "
+                            f"({order.replace('-', ',')},rating,timestamp), got {len(cols)}")
+        try:
+            t = float(cols[3])
+            if not math.isfinite(t):
+                raise ValueError
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: timestamp {cols[3]!r} is not a number") from None
+        for what, col in (("user", ui[0]), ("item", ui[1])):
+            if not cols[col].strip():
+                raise DataError(f"{path}:{lineno}: the {what} id (column {col + 1}) is empty")
+        users.append(user_vocab.setdefault(cols[ui[0]], len(user_vocab)))
+        items.append(item_vocab.setdefault(cols[ui[1]], len(item_vocab)))
+        ts.append(int(t))
     if not users:
         raise DataError(f"{path}: no rating rows")
     return (np.array(users, np.int64), np.array(items, np.int64), np.array(ts, np.int64), item_vocab)
@@ -259,19 +298,26 @@ def load_ratings_pair(csv_a: str, csv_b: str, *, order: str = "auto", item_min: 
     params = dict(item_min=item_min, max_per_user=max_per_user, user_min_per_domain=user_min_per_domain)
     for p in (csv_a, csv_b):
         if not Path(p).is_file():
-            raise DataError(f"ratings file {p} does not exist")
+            raise DataError(f"ratings file {p} does not exist" + (" (it is a folder)" if Path(p).is_dir() else ""))
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cache_file = cache / f"{name}-{_cache_key((csv_a, csv_b), order, params)}.npz"
     if cache_file.is_file():
-        log.info("loading preprocessed %s from cache %s", name, cache_file)
-        return load_npz(cache_file)
+        try:
+            ds = load_npz(cache_file)
+            log.info("loaded preprocessed %s from cache %s", name, cache_file)
+            return ds
+        except Exception as e:  # noqa: BLE001 - a damaged cache entry is rebuilt, not fatal
+            log.warning("cache %s is unreadable (%s: %s); preprocessing again", cache_file, type(e).__name__, e)
     user_vocab: Dict[str, int] = {}
     a = read_ratings_csv(csv_a, order, user_vocab)[:3]
     b = read_ratings_csv(csv_b, order, user_vocab)[:3]
     ds = preprocess_two_domains(a, b, name=name, source=f"{csv_a} + {csv_b}", **params)
-    cache.mkdir(parents=True, exist_ok=True)
-    save_npz(ds, cache_file)
-    log.info("cached preprocessed %s at %s", name, cache_file)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        save_npz(ds, cache_file)
+        log.info("cached preprocessed %s at %s", name, cache_file)
+    except OSError as e:  # a read-only cache must not stop the run
+        log.warning("could not cache preprocessed %s at %s: %s", name, cache_file, e)
     return ds
 
 
@@ -294,20 +340,33 @@ def resolve_abxi_dir(name: str, data_dir: Optional[str] = None) -> Path:
                     f"pass --data-dir or set CDSR_DATA_DIR")
 
 
+def check_data_source(cfg) -> None:
+    """Cheap up-front check that the data a config names can be found (a sweep checks this
+    once instead of failing every run)."""
+    name = cfg["data"]
+    if name in ABXI_NAMES:
+        resolve_abxi_dir(name, cfg.get("data_dir"))
+    elif name == "csv":
+        for key in ("csv_a", "csv_b"):
+            if not cfg.get(key) or not Path(cfg[key]).is_file():
+                raise DataError(f"ratings file {cfg.get(key)} ({key}) does not exist")
+
+
 def load_dataset(cfg) -> CDSRDataset:
     """The dataset a run config names (`data` plus its options)."""
     from dataclasses import replace
 
-    from cdsr.synthetic import PRESETS, generate
+    from cdsr.synthetic import PRESETS, SYNTHETIC_KEYS, generate
 
     name = cfg["data"]
     if name == "synthetic":
         preset = cfg.get("synthetic_preset", "small")
         if preset not in PRESETS:
             raise DataError(f"unknown synthetic_preset {preset!r}; valid choices: {', '.join(PRESETS)}")
-        fields = {"n_users": "syn_users", "n_items_a": "syn_items_a", "n_items_b": "syn_items_b",
-                  "mean_len": "syn_mean_len", "signal": "syn_signal", "seed": "data_seed"}
-        spec = replace(PRESETS[preset], **{f: cfg[k] for f, k in fields.items() if cfg.get(k) is not None})
+        try:
+            spec = replace(PRESETS[preset], **{f: cfg[k] for f, k in SYNTHETIC_KEYS.items() if cfg.get(k) is not None})
+        except (TypeError, ValueError) as e:
+            raise DataError(str(e)) from None
         return generate(spec, name=f"synthetic-{preset}")
     if name in ABXI_NAMES:
         return load_abxi(resolve_abxi_dir(name, cfg.get("data_dir")), name)

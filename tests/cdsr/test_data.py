@@ -1,7 +1,6 @@
 """Loaders (ABXI format, raw ratings CSVs), their error messages, and the synthetic generator."""
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -33,25 +32,47 @@ def _write_abxi(d: Path, lines, n_a=3, n_b=2):
     return d
 
 
-def test_abxi_toy_and_short_users_filtered(tmp_path, caplog):
-    d = _write_abxi(tmp_path / "toy", ["0 1|10 4|11 2|12 5|13", "1 3|5 4|6", "2 2|1 5|1 1|2"])
-    with caplog.at_level(logging.WARNING, logger="cdsr.data"):
-        ds = load_abxi(d)
+def test_abxi_toy(tmp_path):
+    d = _write_abxi(tmp_path / "toy", ["0 1|10 4|11 2|12 5|13", "", "2 2|1 5|1 1|2"])
+    ds = load_abxi(d)
     assert ds.n_users == 2 and ds.n_items_a == 3 and ds.n_items_b == 2
     assert ds.timeline(1).tolist() == [1, 4, 2, 5]
     assert ds.timeline(2).tolist() == [2, 5, 1]
-    assert "dropped 1 users" in caplog.text
-    assert sum(ds.notes.values()) == 1
+    assert ds.times[:4].tolist() == [10, 11, 12, 13]
+
+
+def test_abxi_short_line_is_an_error_not_a_dropped_user(tmp_path):
+    # ABXI's preprocessing keeps >= 5 interactions per domain: a line with fewer than the 3
+    # leave-one-out needs is cut short (or not this format), not a user to drop quietly.
+    d = _write_abxi(tmp_path / "toy", ["0 1|10 4|11 2|12 5|13", "1 3|5 4|6", "2 2|1 5|1 1|2"])
+    with pytest.raises(DataError, match=r"toy_50_preprocessed.txt:2: user 1 has 2 interaction\(s\)"):
+        load_abxi(d)
 
 
 @pytest.mark.parametrize("bad, match", [
-    ("0 1|10 4-11", r"toy_50_preprocessed.txt:2"),
+    ("0 1|10 4-11", r"toy_50_preprocessed.txt:2: field 3 is '4-11', expected 'item\|timestamp'"),
     ("0 1|10 9|11 2|3", r"toy_50_preprocessed.txt:2: unknown item id 9"),
-    ("x 1|10 2|11 3|12", r"toy_50_preprocessed.txt:2"),
+    ("x 1|10 2|11 3|12", r"toy_50_preprocessed.txt:2: the user id 'x'"),
+    ("0 1|10 2|11 3", r"toy_50_preprocessed.txt:2: field 4 is '3'"),
+    ("0 1|10 2|11 3|", r"toy_50_preprocessed.txt:2: field 4 is '3\|'"),
+    ("0 1|10 2|11|5 3|4", r"toy_50_preprocessed.txt:2: field 3 is '2\|11\|5'"),
+    ("0", r"toy_50_preprocessed.txt:2: user 0 has 0 interaction"),
 ])
 def test_abxi_malformed_lines_name_file_and_line(tmp_path, bad, match):
     d = _write_abxi(tmp_path / "toy", ["0 1|10 4|11 2|12", bad])
-    with pytest.raises(DataError, match=match):
+    with pytest.raises(DataError, match=match) as err:
+        load_abxi(d)
+    # the message is ours, not numpy's or int()'s
+    assert "literal" not in str(err.value) and "inhomogeneous" not in str(err.value)
+
+
+def test_abxi_map_ids_must_be_a_then_b(tmp_path):
+    d = _write_abxi(tmp_path / "toy", ["0 1|10 4|11 2|12"])
+    (d / "map_item_50.txt").write_text(json.dumps({"A1": [1, 0], "A2": [3, 0], "B1": [2, 1]}))
+    with pytest.raises(DataError, match="map_item_50.txt: domain 0 ids must be 1..2"):
+        load_abxi(d)
+    (d / "map_item_50.txt").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(DataError, match="map_item_50.txt: not a text file"):
         load_abxi(d)
 
 
@@ -114,6 +135,24 @@ def test_csv_errors_name_file_and_line(tmp_path):
         read_ratings_csv(p)
     with pytest.raises(DataError, match="does not exist"):
         read_ratings_csv(tmp_path / "missing.csv")
+    p.write_text("A1234567890AB,0000000001,5.0,100\n,0000000002,5.0,101\n")
+    with pytest.raises(DataError, match=r"bad.csv:2: the user id \(column 1\) is empty"):
+        read_ratings_csv(p, "user-item")
+    p.write_bytes(b"A1234567890AB,0000000001,5.0,100\n\xff\xfe,x,5.0,1\n")
+    with pytest.raises(DataError, match=r"bad.csv:2: not UTF-8 text"):
+        read_ratings_csv(p, "user-item")
+
+
+def test_csv_damaged_cache_is_rebuilt(tmp_path):
+    a, b = _rows()
+    pa = _write_csv(tmp_path / "a.csv", a, "user-item")
+    pb = _write_csv(tmp_path / "b.csv", b, "user-item")
+    kw = dict(order="user-item", item_min=2, max_per_user=4, user_min_per_domain=1, cache_dir=str(tmp_path / "c"))
+    ds = load_ratings_pair(str(pa), str(pb), **kw)
+    (cached,) = (tmp_path / "c").glob("*.npz")
+    cached.write_bytes(b"not a zip")
+    again = load_ratings_pair(str(pa), str(pb), **kw)
+    assert np.array_equal(again.items, ds.items)
 
 
 def test_preprocess_user_minimum_per_domain():
