@@ -42,8 +42,18 @@ def load_item_matrix(path: str, n_items: int, name: str, dim: Optional[int] = No
     order) or n_items + 1 rows (row 0 = padding, ignored)."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{name}: no such file {p}")
-    m = np.load(p, allow_pickle=False)
+        raise FileNotFoundError(f"{name}: no such file {p}" + (" (it is a folder)" if p.is_dir() else ""))
+    with open(p, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":
+        raise ValueError(f"{name}: {p} is not a .npy file (write it with numpy.save)")
+    try:
+        m = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        reason = " ".join(str(e).split())[:100]
+        raise ValueError(f"{name}: {p} is not a numeric .npy matrix (numpy.load: {reason})") from None
+    if m.dtype.kind not in "biuf":
+        raise ValueError(f"{name}: {p} must hold a numeric matrix, got dtype {m.dtype}")
     if m.ndim != 2:
         raise ValueError(f"{name}: {p} must hold a 2-D matrix (items x dims), got shape {m.shape}")
     if m.shape[0] == n_items:
