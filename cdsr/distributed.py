@@ -46,10 +46,21 @@ class DistContext:
             dist.destroy_process_group()
 
 
+def resolve_device(device: str) -> torch.device:
+    """torch.device of a config's `device`, or a ConfigError saying why it cannot be used."""
+    from cdsr.config import ConfigError
+
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ConfigError(f"--device cuda: {why} (torch.cuda.is_available() is False); use --device cpu")
+    return torch.device(device)
+
+
 def init_from_env(device: str = "cpu") -> DistContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch.cuda.is_available() is False")
+    resolve_device(device)
     if world <= 1:
         return DistContext(device=torch.device(device))
     rank = int(os.environ["RANK"])

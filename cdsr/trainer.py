@@ -23,9 +23,9 @@ import torch
 
 import models
 from cdsr.batching import EvalSet, TrainSampler, build_eval_set
-from cdsr.config import RESUMABLE_KEYS, ConfigError
-from cdsr.dataset import CDSRDataset
-from cdsr.distributed import DistContext
+from cdsr.config import RESUMABLE_KEYS, ConfigError, resolve_threads
+from cdsr.dataset import CDSRDataset, DataError
+from cdsr.distributed import DistContext, resolve_device
 from cdsr.loaders import load_dataset
 from cdsr.metrics import DEFAULT_KS, metric_names, ranking_metrics
 from cdsr.progress import Progress, progress_enabled
@@ -36,6 +36,7 @@ DOMAINS = ("A", "B")
 CHECKPOINT = "last.pt"
 BEST = "best.pt"
 RESULTS = "results.json"
+LOG = "train.log"
 
 
 def seed_everything(seed: int) -> None:
@@ -64,6 +65,122 @@ def atomic_write_json(obj: Any, path: Path) -> None:
 
 def _cpu_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _check_gca_backend(cfg: Dict[str, Any], device: torch.device) -> None:
+    """A forced GCA backend (gca_backend or $GCA_BACKEND) that cannot run here is a usage error
+    now, not a failure at the first training step."""
+    if not cfg.get("gca_positions"):
+        return
+    name, where = cfg.get("gca_backend", "auto"), "gca_backend"
+    if name == "auto":
+        name, where = os.environ.get("GCA_BACKEND") or "auto", "$GCA_BACKEND"
+    if name == "auto":
+        return
+    try:
+        from gca_kernels.backends import BackendUnavailableError, resolve
+    except ImportError:  # an older gca_kernels: let the first call decide
+        return
+    try:
+        resolve(name, device, torch.float32)
+    except (BackendUnavailableError, ValueError) as e:
+        raise ConfigError(f"{where}={name}: {str(e).splitlines()[0]}") from None
+
+
+def build_model_for_data(cfg: Dict[str, Any], dataset: CDSRDataset, device: torch.device) -> models.Recommender:
+    """The model a run config names, built for `dataset` and ready to train or evaluate.
+
+    The one place the pipeline builds a model (`cdsr train`, `cdsr evaluate`, the experiment
+    runner, every torchrun rank): after construction it calls the model's `prepare_data`
+    (models whose inputs derive from the data, e.g. LLM4CDSR's frozen item tables, which
+    checkpoints do not hold), under a forked RNG so that a cached or freshly built table
+    leaves the run's random stream the same. A model's own checks (bad sizes, unreadable
+    `.npy` tables) become one-line ConfigError / DataError.
+    """
+    _check_gca_backend(cfg, device)
+    try:
+        model = models.build_model(cfg["model"], dataset.n_items_a, dataset.n_items_b, cfg)
+        prepare = getattr(model, "prepare_data", None)
+        if callable(prepare):
+            with torch.random.fork_rng(devices=[]):
+                prepare(dataset)
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise DataError(f"{cfg['model']}: {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"{cfg['model']}: {e}") from None
+    return model.to(device)
+
+
+def read_checkpoint(path: str | os.PathLike, what: str = "--checkpoint") -> Dict[str, Any]:
+    """A run's checkpoint (best.pt / last.pt) as a dict, or a DataError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{what} {path} is a folder; give a checkpoint file (best.pt or last.pt of a run)")
+    if not path.is_file():
+        raise DataError(f"{what} {path} does not exist")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - whatever unpickling says, the file is not a checkpoint
+        reason = (str(e).strip().splitlines() or [""])[0][:120]
+        raise DataError(f"{what} {path} is not a cdsr checkpoint (torch.load: {type(e).__name__}"
+                        + (f": {reason}" if reason else "") + ")") from None
+    if not isinstance(ck, dict) or not {"model_state", "config", "n_items_a", "n_items_b"} <= set(ck) \
+            or not isinstance(ck["config"], dict) or "model" not in ck["config"]:
+        raise DataError(f"{what} {path} is not a cdsr checkpoint (best.pt or last.pt of a run)")
+    return ck
+
+
+def _existing_config(out: Path) -> Optional[Dict[str, Any]]:
+    """The config of the run already in `out` (results.json, else last.pt), or None."""
+    res = out / RESULTS
+    if res.is_file():
+        try:
+            cfg = json.loads(res.read_text()).get("config")
+        except (OSError, ValueError, AttributeError):
+            cfg = None
+        if isinstance(cfg, dict):
+            return cfg
+        raise DataError(f"{res} is not a results file of a run; remove it or give another --out")
+    if (out / CHECKPOINT).is_file():
+        return read_checkpoint(out / CHECKPOINT, what="run checkpoint")["config"]
+    return None
+
+
+def _config_diff(old: Dict[str, Any], new: Dict[str, Any], ignore) -> list:
+    return sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
+
+
+def _check_resumable(old: Dict[str, Any], cfg: Dict[str, Any], path: Path) -> None:
+    diff = _config_diff(old, cfg, RESUMABLE_KEYS)
+    if diff:
+        detail = ", ".join(f"{k} ({old.get(k)!r} vs {cfg.get(k)!r})" for k in diff)
+        raise ConfigError(f"--resume: {path} was written with a different config for {detail}")
+
+
+def check_run_dir(out: str | os.PathLike, cfg: Dict[str, Any], resume: bool) -> None:
+    """Refuse to start a fresh run over a different one. A fresh run may replace a run of the
+    same config (device, threads and paths aside); `resume` continues a run of the same
+    config (its epochs may differ: more epochs continue it). Anything else is a ConfigError
+    naming the differences."""
+    out = Path(out)
+    if resume and (out / CHECKPOINT).is_file():
+        _check_resumable(read_checkpoint(out / CHECKPOINT, what="--resume: checkpoint")["config"], cfg,
+                         out / CHECKPOINT)
+        return
+    old = _existing_config(out)
+    if old is None:
+        return
+    ignore = RESUMABLE_KEYS - {"epochs"}
+    diff = _config_diff(old, cfg, ignore)
+    if not diff:
+        return
+    if diff == ["epochs"] and isinstance(old.get("epochs"), int) and old["epochs"] < cfg["epochs"]:
+        raise ConfigError(f"{out} holds this run trained for {old['epochs']} epochs; pass --resume to continue "
+                          f"it to {cfg['epochs']} epochs, or --out DIR to train a separate run")
+    detail = ", ".join(f"{k} {old.get(k)!r} there vs {cfg.get(k)!r}" for k in diff[:3])
+    more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+    raise ConfigError(f"{out} holds a different run ({detail}{more}); give --out DIR for this one, "
+                      f"or remove that folder")
 
 
 @torch.no_grad()
@@ -118,19 +235,21 @@ class Trainer:
                  ctx: Optional[DistContext] = None):
         self.cfg = dict(cfg)
         self.out = Path(out_dir)
-        self.ctx = ctx or DistContext(device=torch.device(cfg["device"]))
-        if cfg.get("threads"):
-            torch.set_num_threads(int(cfg["threads"]))
+        self.ctx = ctx or DistContext(device=resolve_device(cfg["device"]))
+        self.threads = resolve_threads(cfg)
+        torch.set_num_threads(self.threads)
         self.dataset = dataset if dataset is not None else load_dataset(cfg)
         ds = self.dataset
         seed_everything(cfg["seed"])
-        self.model = models.build_model(cfg["model"], ds.n_items_a, ds.n_items_b, cfg).to(self.ctx.device)
+        self.model = build_model_for_data(cfg, ds, self.ctx.device)
         self.n_params = models.n_trainable(self.model)
         if self.ctx.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.ctx.local_rank] if self.ctx.device.type == "cuda" else None
-            self.train_model = DDP(self.model, device_ids=ids,
+            # Buffers are not broadcast at every step: the only ones (LLM4CDSR's frozen item
+            # tables, 100 MB on abe) are built identically on every rank and never change.
+            self.train_model = DDP(self.model, device_ids=ids, broadcast_buffers=False,
                                    find_unused_parameters=bool(cfg["find_unused_parameters"]))
         else:
             self.train_model = self.model
@@ -173,13 +292,8 @@ class Trainer:
         self.ctx.barrier()
 
     def load_checkpoint(self, path: Path) -> None:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-        diff = sorted(k for k in set(ck["config"]) | set(self.cfg)
-                      if k not in RESUMABLE_KEYS and ck["config"].get(k) != self.cfg.get(k))
-        if diff:
-            old_cfg = ck["config"]
-            detail = ", ".join(f"{k} ({old_cfg.get(k)!r} vs {self.cfg.get(k)!r})" for k in diff)
-            raise ConfigError(f"--resume: {path} was written with a different config for {detail}")
+        ck = read_checkpoint(path, what="--resume: checkpoint")
+        _check_resumable(ck["config"], self.cfg, path)
         self.model.load_state_dict(ck["model_state"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
@@ -220,6 +334,8 @@ class Trainer:
     def fit(self, resume: bool = False) -> Dict[str, Any]:
         cfg = self.cfg
         ck = self.out / CHECKPOINT
+        if not (resume and ck.is_file()):  # (load_checkpoint checks a resumed run's config)
+            check_run_dir(self.out, cfg, resume)
         if resume:
             if ck.is_file():
                 self.load_checkpoint(ck)
@@ -228,9 +344,10 @@ class Trainer:
         elif ck.is_file() and self.ctx.is_main:
             log.warning("%s exists; starting a fresh run over it (pass --resume to continue it)", ck)
         if self.ctx.is_main:
-            log.info("model %s: %s trainable parameters; data %s: %d users, %d/%d items; %d steps/epoch",
-                     cfg["model"], f"{self.n_params:,}", self.dataset.name, self.dataset.n_users,
-                     self.dataset.n_items_a, self.dataset.n_items_b, self.steps_per_epoch)
+            log.info("model %s: %s trainable parameters; data %s: %d users, %d/%d items; %d steps/epoch; "
+                     "device %s%s", cfg["model"], f"{self.n_params:,}", self.dataset.name, self.dataset.n_users,
+                     self.dataset.n_items_a, self.dataset.n_items_b, self.steps_per_epoch, self.ctx.device,
+                     f", {self.threads} threads" if self.ctx.device.type == "cpu" else "")
         metric = cfg["early_stop_metric"]
         while not self.finished and self.epoch < cfg["epochs"]:
             start = time.perf_counter()

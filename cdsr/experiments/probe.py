@@ -24,14 +24,9 @@ from cdsr.trainer import Trainer, evaluate, gathered_alignment
 class ProbedTrainer(Trainer):
     def __init__(self, cfg: Dict[str, Any], out_dir, track_valid: bool = False, align_reg: float = 0.0,
                  **kwargs):
+        # (The trainer builds the model through `build_model_for_data`, which also prepares
+        # models with data-derived inputs such as LLM4CDSR's frozen tables.)
         super().__init__(cfg, out_dir, **kwargs)
-        # Models with data-derived frozen tables (LLM4CDSR's substitute embeddings) build
-        # them from the training interactions; idempotent, and a no-op once the trainer does
-        # it itself. Buffers only: the optimiser's parameters are untouched.
-        prepare = getattr(self.model, "prepare_data", None)
-        if callable(prepare):
-            prepare(self.dataset)
-            self.model.to(self.ctx.device)
         self.track_valid = bool(track_valid)
         self.align_reg = float(align_reg)
         if self.align_reg:

@@ -67,3 +67,28 @@ def test_early_stopping(tmp_path):
     res = Trainer(tiny_cfg(epochs=30, patience=1, lr=0.05), tmp_path).fit()
     assert res["epochs_run"] < 30
     assert res["epochs_run"] == res["best_epoch"] + 1
+
+
+def test_data_derived_models_are_prepared_by_the_trainer(tmp_path, monkeypatch):
+    """LLM4CDSR's frozen tables come from the training data: the trainer (hence `cdsr train`,
+    torchrun ranks, the experiment runner) prepares them; whether they were cached or just
+    built does not change the run."""
+    monkeypatch.setenv("CDSR_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = make_config("llm4cdsr", {**TINY, "epochs": 1, "gca_positions": [0]},
+                      ["synthetic_preset=tiny", "eval_negatives=20", "ffn_inner=32"])
+    cold = Trainer(cfg, tmp_path / "cold")
+    assert cold.model.frozen_ready and float(cold.model.glob.abs().sum()) > 0
+    cold_res = cold.fit()
+    assert list((tmp_path / "cache" / "item_embeddings").glob("*.npz")), "the tables were cached"
+    warm_res = Trainer(cfg, tmp_path / "warm").fit()
+    assert cold_res["test"] == warm_res["test"] and cold_res["history"][0]["loss"] == warm_res["history"][0]["loss"]
+
+
+def test_a_fresh_run_never_replaces_another_config(tmp_path):
+    Trainer(tiny_cfg(epochs=1), tmp_path).fit()
+    before = (tmp_path / "results.json").read_text()
+    with pytest.raises(ConfigError, match=r"holds a different run \(hidden 16 there vs 8\)"):
+        Trainer(tiny_cfg(epochs=1, hidden=8), tmp_path).fit()
+    assert (tmp_path / "results.json").read_text() == before
+    # the same config (threads aside) may be retrained in place
+    Trainer(tiny_cfg(epochs=1, threads=2), tmp_path).fit()
