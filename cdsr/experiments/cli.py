@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import shlex
 import signal
 import sys
@@ -20,7 +19,8 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from cdsr.config import ConfigError
+from cdsr.config import ConfigError, available_cores
+from cdsr.dataset import DataError
 from cdsr.experiments import alignment, report, scaling, table
 from cdsr.experiments.common import PRESETS, check_models, default_models, preset
 from cdsr.experiments.runner import execute, load_results, plan_manifest, atomic_write_json, MANIFEST
@@ -44,22 +44,43 @@ def _on_off(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
 
 
+def _per_preset(fn) -> str:
+    """`tiny X, cpu Y, paper Z` of a preset-derived default."""
+    return ", ".join(f"{name} {fn(name)}" for name in PRESETS)
+
+
+def _preset_value(name: str, experiment: str, key: str):
+    p = PRESETS[name]
+    return p.get(experiment, {}).get(key, p.get(key))
+
+
+def _words(v) -> str:
+    return " ".join(str(x) for x in v) if isinstance(v, (list, tuple)) else str(v)
+
+
 def _common(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--preset", default="paper", choices=tuple(PRESETS),
                    help="defaults for models, data, seeds, epochs: tiny (CI, synthetic, seconds), cpu (short "
-                        "real-data runs), paper (the paper's protocol; the default)")
-    p.add_argument("--models", nargs="+", default=None, metavar="M", help="backbones (default: the preset's)")
-    p.add_argument("--data", nargs="+", default=None, metavar="D", help="datasets: synthetic, abe, afk, csv")
-    p.add_argument("--seeds", nargs="+", type=int, default=None, metavar="S")
-    p.add_argument("--epochs", type=int, default=None, metavar="E", help="max epochs per run (early stopping may end sooner)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+                        "real-data runs), paper (the paper's protocol) (default: paper)")
+    p.add_argument("--models", nargs="+", default=None, metavar="M",
+                   help="backbones (default: the preset's: " + _per_preset(lambda n: "+".join(default_models(n))) + ")")
+    p.add_argument("--data", nargs="+", default=None, metavar="D",
+                   help="datasets: synthetic, abe, afk, csv (default: the preset's: "
+                        + _per_preset(lambda n: "+".join(PRESETS[n]["data"])) + ")")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, metavar="S",
+                   help="seeds (default: the preset's: " + _per_preset(lambda n: _words(_preset_value(n, name, "seeds")))
+                        + ")")
+    p.add_argument("--epochs", type=int, default=None, metavar="E",
+                   help="max epochs per run, early stopping may end sooner (default: the preset's: "
+                        + _per_preset(lambda n: _preset_value(n, name, "epochs")) + ")")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the runs train (default: cpu)")
     p.add_argument("--workers", type=int, default=None, metavar="W",
-                   help="runs in parallel (default: 1 on cuda, else the CPU count)")
+                   help=f"runs in parallel (default: 1 on cuda, else the available cores, here {available_cores()})")
     p.add_argument("--threads", type=int, default=None, metavar="T",
-                   help="torch threads per run (default: CPU count // workers)")
-    p.add_argument("--out", default=None, metavar="DIR", help=f"output folder (default runs/experiments/{name})")
+                   help="torch threads per run (default: available cores // workers)")
+    p.add_argument("--out", default=None, metavar="DIR", help=f"output folder (default: runs/experiments/{name})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every run (repeatable), e.g. --set lr=3e-4")
+                   help="config override for every run (repeatable), e.g. --set lr=3e-4 (default: none)")
     p.add_argument("--quiet", action="store_true", help="one line per finished run only (no epoch lines)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     p.add_argument("--analyse-only", action="store_true", help="do not train: report on the runs already finished")
@@ -73,37 +94,47 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t = sub.add_parser("table", help="bare vs GCA_early vs GCA_stack, per backbone and dataset, over seeds")
     _common(t, "table")
     t.add_argument("--stack", nargs="+", type=int, default=[0, 1], metavar="I",
-                   help="GCA positions of the GCA_stack variant (default 0 1)")
+                   help="GCA positions of the GCA_stack variant (default: 0 1)")
 
     a = sub.add_parser("alignment", help="sweep GCA settings; |cos(X,X')| vs NDCG@10, its distribution, per-epoch curves")
     _common(a, "alignment")
     a.add_argument("--positions", nargs="+", type=_positions, default=None, metavar="P",
                    help="GCA position sets to sweep, e.g. 0 1 2 0,1 (default: each position of the model alone)")
-    a.add_argument("--hidden", nargs="+", type=int, default=None, metavar="N", help="hidden sizes (paper: 64 128)")
-    a.add_argument("--heads", nargs="+", type=int, default=None, metavar="H", help="GCA heads (paper: 4 8)")
-    a.add_argument("--activations", nargs="+", default=["sigmoid", "tanh"], choices=("sigmoid", "tanh"))
-    a.add_argument("--layer-norm", nargs="+", type=_on_off, default=[True, False], metavar="on|off")
+    a.add_argument("--hidden", nargs="+", type=int, default=None, metavar="N",
+                   help="hidden sizes (default: the preset's: "
+                        + _per_preset(lambda n: _words(PRESETS[n]["alignment"]["hidden"])) + ")")
+    a.add_argument("--heads", nargs="+", type=int, default=None, metavar="H",
+                   help="GCA heads (default: the preset's: "
+                        + _per_preset(lambda n: _words(PRESETS[n]["alignment"]["heads"])) + ")")
+    a.add_argument("--activations", nargs="+", default=["sigmoid", "tanh"], choices=("sigmoid", "tanh"),
+                   help="gate activations to sweep (default: sigmoid tanh)")
+    a.add_argument("--layer-norm", nargs="+", type=_on_off, default=[True, False], metavar="on|off",
+                   help="GCA LayerNorm settings to sweep (default: on off)")
     a.add_argument("--sample", type=int, default=None, metavar="N",
-                   help="runs per backbone and dataset, drawn from the full grid (0 = the whole grid)")
+                   help="runs per backbone and dataset, drawn from the full grid, 0 = the whole grid (default: the "
+                        "preset's: " + _per_preset(lambda n: PRESETS[n]["alignment"]["sample"]) + ")")
     a.add_argument("--track", type=int, default=None, metavar="K",
-                   help="runs per backbone and dataset whose validation metrics are kept every epoch")
+                   help="runs per backbone and dataset whose validation metrics are kept every epoch (default: the "
+                        "preset's: " + _per_preset(lambda n: PRESETS[n]["alignment"]["track"]) + ")")
     a.add_argument("--align-reg", nargs="+", type=float, default=[0.0], metavar="L",
                    help="alignment regulariser weights to sweep: training loss + L*|cos(X,X')| (L > 0 pushes "
-                        "toward orthogonality, L < 0 away; default 0 = off)")
+                        "toward orthogonality, L < 0 away) (default: 0 = off)")
 
     s = sub.add_parser("scaling", help="bare backbone at several widths vs backbone + GCA_early: NDCG@10 vs parameters")
     _common(s, "scaling")
-    s.add_argument("--widths", nargs="+", type=int, default=None, metavar="N", help="values of --width-key")
-    s.add_argument("--width-key", default="hidden", metavar="KEY", help="config key that sets the width (default hidden)")
+    s.add_argument("--widths", nargs="+", type=int, default=None, metavar="N",
+                   help="values of --width-key (default: the preset's: "
+                        + _per_preset(lambda n: _words(PRESETS[n]["scaling"]["widths"])) + ")")
+    s.add_argument("--width-key", default="hidden", metavar="KEY", help="config key that sets the width (default: hidden)")
     s.add_argument("--matched", dest="matched", action="store_true", default=None,
-                   help="also run the parameter-matched bare baseline (scale_to_match); default: when every "
-                        "backbone has the key")
-    s.add_argument("--no-matched", dest="matched", action="store_false")
+                   help="also run the parameter-matched bare baseline (scale_to_match) (default: on when every "
+                        "backbone has the key)")
+    s.add_argument("--no-matched", dest="matched", action="store_false", help="no parameter-matched baseline")
     return exp
 
 
 def _resources(args) -> tuple:
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     workers = args.workers if args.workers is not None else (1 if args.device == "cuda" else cores)
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
@@ -122,6 +153,11 @@ def plan(args) -> Dict[str, Any]:
     if epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {epochs}")
     workers, threads, cores = _resources(args)
+    # Fail once, up front, for what would fail every run: a device or data that is not here.
+    from cdsr.distributed import resolve_device
+    from cdsr.loaders import check_data_source
+
+    resolve_device(args.device)
     common = dict(preset_name=args.preset, epochs=epochs, device=args.device, threads=threads, sets=args.set)
     if name == "table":
         seeds = args.seeds or p["seeds"]
@@ -145,6 +181,8 @@ def plan(args) -> Dict[str, Any]:
                              width_key=args.width_key, matched=matched, **common)
     else:
         raise ConfigError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}")
+    for spec in specs:
+        check_data_source(spec.config)
     argv = getattr(args, "argv", None)
     argv = sys.argv[1:] if argv is None else argv
     meta = {"command": "cdsr " + " ".join(shlex.quote(a) for a in argv),
@@ -176,6 +214,8 @@ def handle(args: argparse.Namespace) -> int:
     name = args.experiment
     try:
         planned = plan(args)
+    except DataError:
+        raise
     except ValueError as e:
         # Planning only validates what the user asked for: report it as a usage error (the
         # `cdsr` front end prints ConfigError as one line, no traceback).
@@ -207,8 +247,10 @@ def handle(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m cdsr.experiments",
-                                     description="Reproduce the paper's experiments (same as `cdsr experiment`).")
+    from cdsr.cli import Parser
+
+    parser = Parser(prog="python -m cdsr.experiments",
+                    description="Reproduce the paper's experiments (same as `cdsr experiment`).")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{experiment}")
     add_parser(sub)
@@ -221,6 +263,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                         format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
     try:
         return handle(args)
-    except (ConfigError, ValueError) as e:
-        print(f"cdsr experiment: error: {e}", file=sys.stderr)
+    except (ConfigError, ValueError, OSError) as e:
+        if args.verbose:
+            raise
+        what = "" if isinstance(e, ValueError) else f"{type(e).__name__}: "
+        print(f"cdsr experiment: error: {what}{' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("cdsr experiment: interrupted", file=sys.stderr)
+        return 130
