@@ -24,7 +24,7 @@ from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
-CPU_SOURCES = ["bindings.cpp", "gca_core.cpp", "gca_cpu.cpp", "attention_gemm_cpu.cpp", "cosine_cpu.cpp"]
+CPU_SOURCES = ["bindings.cpp", "gca_core.cpp", "gca_cpu.cpp", "cosine_cpu.cpp"]
 CUDA_SOURCES = ["bindings_cuda.cpp", "gca_core.cpp", "gca_cuda.cu", "cosine_cuda.cu"]
 # -O3 and OpenMP; no -march=native: the wheel may run on another CPU than the one building it.
 # -fno-math-errno: sqrt may then be a vector instruction (with errno to set, GCC keeps it a scalar

@@ -303,6 +303,9 @@ struct Rows {
   int64_t n;                 // number of active rows
   int64_t total;             // number of rows of the full tensor
   std::vector<int32_t> pos;  // compact: full row -> its row in idx, -1 when inactive
+  // dense path with every row active (query rows: each sees a key), so the row passes need
+  // not zero or skip any row: what the compact path does on its stored rows holds for all
+  bool all_active = false;
 
   bool compact() const { return idx.defined(); }
 
@@ -452,7 +455,7 @@ Rows make_rows(const std::vector<uint8_t>& active, int64_t total) {
   for (int64_t r = 0; r < total; ++r) n += active[r];
   if (total < kCompactMinRows ||
       static_cast<double>(n) > kCompactMaxFraction * static_cast<double>(total))
-    return Rows{at::Tensor(), total, total};
+    return Rows{at::Tensor(), total, total, {}, n == total};
   TORCH_CHECK(total < std::numeric_limits<int32_t>::max(), "gca: ", total,
               " rows exceed the int32 row maps of the compact path");
   at::Tensor idx = at::empty({n}, at::TensorOptions().dtype(at::kLong));
@@ -483,8 +486,8 @@ Rows active_key_rows(c10::DeviceType dev, const at::Tensor& kpm, const Dims& dm)
 Rows active_query_rows(c10::DeviceType dev, const at::Tensor& kpm, const at::Tensor& am,
                        const Dims& dm) {
   const int64_t N = dm.B * dm.La, La = dm.La, Lb = dm.Lb;
-  if (dev != c10::DeviceType::CPU || (!kpm.defined() && !am.defined()))
-    return Rows{at::Tensor(), N, N};
+  if (dev != c10::DeviceType::CPU) return Rows{at::Tensor(), N, N};
+  if (!kpm.defined() && !am.defined()) return Rows{at::Tensor(), N, N, {}, true};  // Lb >= 1 keys each
   RECORD_FUNCTION("gca::active_query_rows", std::vector<c10::IValue>());
   const bool* kp = kpm.defined() ? kpm.data_ptr<bool>() : nullptr;
   const bool* ap = am.defined() ? am.data_ptr<bool>() : nullptr;
@@ -581,11 +584,13 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
   // stored (x' is packed like q, and so is g) and every stored row takes the bias: it goes into
   // the product (copied into the output first, in place of the zero-fill product_into does),
   // and cos is formed by the gate's row pass, which loads x_a and x' anyway: no pass of its own.
-  // Dense path: the row kernel adds the bias on the rows with a key and zeroes the rest.
+  // The same when every row sees a key (no mask at all). Dense path with keyless rows: the row
+  // kernel adds the bias on the rows with a key and zeroes the rest.
   at::Tensor xp_c, g_c;
   at::Tensor xp = qr.packed(d, opts, xp_c, custom_op);
   at::Tensor cos = recycled_empty({N}, opts);
-  const bool cos_in_gate = qr.compact();  // (compact rows exist on the CPU only)
+  // (compact rows, and the all-active flag, exist on the CPU only)
+  const bool cos_in_gate = qr.compact() || qr.all_active;
   if (cos_in_gate) {
     at::addmm_out(xp_c, bo, o_c, wo.t());
   } else {
@@ -673,9 +678,11 @@ std::vector<at::Tensor> gca_backward(
   // bo's gradient is the column sum of dxp = (the gate pass's part) + dh W1b. On the compact path
   // (every stored row sees a key) the first part is summed by the gate pass while it writes the
   // rows and the second is db1 W1b (column sums commute with the product): no pass over dxp.
-  // The dense path zeroes keyless rows of dxp after the product, so it sums dxp itself.
+  // The same when every row sees a key; otherwise the dense path zeroes keyless rows of dxp
+  // after the product, so it sums dxp itself.
   at::Tensor dbo = at::empty({d}, opts);
-  at::Tensor dxp_sum = qr.compact() ? dbo : at::Tensor();
+  const bool every_row_has_key = qr.compact() || qr.all_active;  // (of the rows stored)
+  at::Tensor dxp_sum = every_row_has_key ? dbo : at::Tensor();
   {
     RECORD_FUNCTION("gca::gate_out_bwd", std::vector<c10::IValue>());  // named in profiles
     K.gate_out_bwd(dy.view({N, d}), dcos.view({N}), xa, xp, g, opt(ln_w), mean, rstd, dg_pre, db2,
@@ -713,9 +720,9 @@ std::vector<at::Tensor> gca_backward(
   dxp.addmm_(dh, w1b);
   dh.reset();
   // x' is the constant 0 on rows without a visible key: nothing flows back through them
-  if (!qr.compact()) dxp.mul_(lse.narrow(1, 0, 1).isfinite().to(dt));
+  if (!every_row_has_key) dxp.mul_(lse.narrow(1, 0, 1).isfinite().to(dt));
 
-  if (qr.compact()) {
+  if (every_row_has_key) {
     dbo.addmv_(w1b.t(), db1);
   } else {
     RECORD_FUNCTION("gca::col_sum", std::vector<c10::IValue>());  // named in profiles

@@ -33,7 +33,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu_math.h"
 #include "gca_core.h"
 #include "gca_cpu.h"
 
@@ -41,6 +40,39 @@ namespace gca {
 namespace {
 
 constexpr int64_t kRowsPerChunk = 64;  // rows per partial sum of the parameter reductions
+
+// exp for the softmax and the sigmoid gate. std::exp is a scalar libm call (GCC vectorises it
+// only under -ffast-math), which made exp the bottleneck of the row loops in float32: float32
+// gets the Cephes expf polynomial (relative error < 2e-7), written so that GCC vectorises it;
+// float64 keeps std::exp. Arguments are clamped to [-87, 88] (exp(-87) ~ 1.6e-38 stands in for
+// anything smaller, which is negligible next to the softmax's largest term, 1).
+// always_inline: the callers are target_clones (one body per ISA), and GCC does not inline a
+// plain function into them on its own; out of line, every exp was a scalar call (perf: 5% of a
+// forward+backward at d = 64 spent in the call, and the gate loop not vectorised).
+template <typename A>
+__attribute__((always_inline)) inline A vexp(A x) {
+  return std::exp(x);
+}
+template <>
+__attribute__((always_inline)) inline float vexp<float>(float x) {
+  // selects and the 1.5 * 2^23 rounding trick instead of std::min/max and std::floor: GCC
+  // vectorises neither of those here (control flow, libm call)
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // nearest integer
+  const float r = x - n * 0.693359375f - n * -2.12194440e-4f;  // ln 2 split in two: exact n ln2
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  float s;
+  std::memcpy(&s, &e, sizeof s);
+  return p * s;
+}
 
 // Positions of the keys a query row sees, ascending: written once per row, so the score loops
 // run over visible keys only (with causal masks and left padding, often a small part of Lb).
@@ -998,11 +1030,8 @@ GCA_CPU_CLONES void bias_relu_impl(T* h, const T* b, int64_t n, int64_t d) {
 #define GCA_CPU_DISPATCH(t, name, ...) \
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), name, [&] { __VA_ARGS__; })
 
-// Dense batches (no cross mask, no compacted rows) go to the batched products of
-// attention_gemm_cpu.cpp; masked ones to the tiles above, which skip the hidden keys.
 void attn_fwd_cpu(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& kpm,
                   const at::Tensor& am, at::Tensor& o, at::Tensor& lse, const Dims& dm) {
-  if (attn_gemm_applies(am, dm)) return attn_fwd_gemm(q, kv, kpm, o, lse, dm);
   GCA_CPU_DISPATCH(q, "gca_attn_fwd_cpu", attn_fwd_tiles<scalar_t>(q, kv, kpm, am, o, lse, dm));
 }
 void xprime_fwd_cpu(at::Tensor& xp, const at::Tensor& bo, const at::Tensor& lse,
@@ -1028,7 +1057,6 @@ void gate_out_bwd_cpu(const at::Tensor& dy, const at::Tensor& dcos, const at::Te
 void attn_bwd_cpu(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& o,
                   const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& kpm,
                   const at::Tensor& am, at::Tensor& dq, at::Tensor& dkv, const Dims& dm) {
-  if (attn_gemm_applies(am, dm)) return attn_bwd_gemm(q, kv, dout, lse, kpm, dq, dkv, dm);
   GCA_CPU_DISPATCH(q, "gca_attn_bwd_cpu",
                    attn_bwd_tiles<scalar_t>(q, kv, o, dout, lse, kpm, am, dq, dkv, dm));
 }

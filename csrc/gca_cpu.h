@@ -25,16 +25,6 @@ std::vector<at::Tensor> gca_bwd_cpu(
     const at::Tensor& h, const at::Tensor& g, const at::Tensor& mean, const at::Tensor& rstd,
     const at::Tensor& xa_g, const at::Tensor& xb_g, int64_t n_heads, int64_t act, double ln_eps);
 
-// Masked attention of dense batches as batched matrix products (attention_gemm_cpu.cpp): the
-// same contract as GCAKernels::attn_fwd / attn_bwd, for calls without a cross mask and without
-// compacted rows (attn_gemm_applies).
-bool attn_gemm_applies(const at::Tensor& am, const Dims& dm);
-void attn_fwd_gemm(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& kpm,
-                   at::Tensor& o, at::Tensor& lse, const Dims& dm);
-void attn_bwd_gemm(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& dout,
-                   const at::Tensor& lse, const at::Tensor& kpm, at::Tensor& dq, at::Tensor& dkv,
-                   const Dims& dm);
-
 // Mean over valid rows of |cos(x_i, y_i)| (or cos): x, y (..., d), mask (...) or None.
 at::Tensor cos_fwd_cpu(const at::Tensor& x, const at::Tensor& y, const OptT& mask, bool absolute);
 // Gradients (dx, dy) of cos_fwd_cpu for the upstream 0-dim gradient gout.
