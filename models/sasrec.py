@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from gca_kernels import FusedGCA, cosine_alignment
 from models.base import Recommender, causal_cross_mask, gather_rows, right_positions, sampled_softmax
+from models.scaling import ScalableMixin, scaled_config
 
 
 class CausalBlock(nn.Module):
@@ -53,17 +54,20 @@ class CausalBlock(nn.Module):
         return x * valid.unsqueeze(-1).to(x.dtype)
 
 
-class SASRec(Recommender):
+class SASRec(ScalableMixin, Recommender):
     name = "sasrec"
     gca_slots = (0, 1)
+    scale_key = "ffn_inner"  # widened by scale_to_match (models/scaling.py)
 
     @classmethod
     def default_config(cls) -> Dict[str, Any]:
         cfg = super().default_config()
-        cfg.update({"n_heads": 1, "ffn_inner": 128, "n_neg": 16, "temperature": 1.0, "init_std": 0.05})
+        cfg.update({"n_heads": 1, "ffn_inner": 128, "n_neg": 16, "temperature": 1.0, "init_std": 0.05,
+                    "scale_to_match": []})
         return cfg
 
     def __init__(self, n_items_a: int, n_items_b: int, config: Dict[str, Any] | None = None):
+        config, n_target = scaled_config(type(self), n_items_a, n_items_b, dict(config or {}))
         super().__init__(n_items_a, n_items_b, config)
         c = self.config
         d = c["hidden"]
@@ -83,6 +87,7 @@ class SASRec(Recommender):
                 self.gca[f"gca{p}_{direction}"] = FusedGCA(
                     d, n_heads=c["gca_heads"], activation=c["gca_activation"],
                     layer_norm=c["gca_layer_norm"], backend=c["gca_backend"])
+        self._record_counts(n_target)
 
     @property
     def n_negatives(self) -> Dict[str, int]:
