@@ -28,7 +28,7 @@ from cdsr.dataset import CDSRDataset, DataError
 from cdsr.distributed import DistContext, resolve_device
 from cdsr.loaders import load_dataset
 from cdsr.metrics import DEFAULT_KS, metric_names, ranking_metrics
-from cdsr.progress import Progress, progress_enabled
+from cdsr.progress import progress_bar, progress_enabled
 
 log = logging.getLogger("cdsr.train")
 
@@ -310,7 +310,8 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         torch.manual_seed(_derived_seed(cfg["seed"], epoch, ctx.rank))
         self.model.train()
-        bar = Progress(self.steps_per_epoch, f"epoch {epoch}/{cfg['epochs']}", enabled=self.show_progress)
+        bar = progress_bar(self.steps_per_epoch, f"epoch {epoch}/{cfg['epochs']}", enabled=self.show_progress)
+        start = time.perf_counter()
         total, n = 0.0, 0
         for batch in self.sampler.epoch(epoch):
             batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
@@ -327,9 +328,12 @@ class Trainer:
                                          f"lower lr (now {cfg['lr']}) or check the data")
             total += lv
             n += 1
-            bar.update(1, loss=total / n, lr=self.scheduler.get_last_lr()[0])
+            bar.set_postfix(loss=total / n, lr=self.scheduler.get_last_lr()[0], refresh=False)
+            bar.update(1)
         bar.close()
-        return {"loss": total / max(1, n), "users_per_s": bar.rate * self.sampler.local_batch * ctx.world_size}
+        seconds = time.perf_counter() - start
+        steps_per_s = n / seconds if seconds > 0 else 0.0
+        return {"loss": total / max(1, n), "users_per_s": steps_per_s * self.sampler.local_batch * ctx.world_size}
 
     def fit(self, resume: bool = False) -> Dict[str, Any]:
         cfg = self.cfg
