@@ -7,6 +7,7 @@ import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import scipy.stats
 
 
 def mean_std(values: Sequence[float]) -> Dict[str, float]:
@@ -18,66 +19,10 @@ def mean_std(values: Sequence[float]) -> Dict[str, float]:
     return {"mean": float(v.mean()), "std": std, "n": int(v.size)}
 
 
-def _student_t_sf2(t: float, dof: int) -> float:
-    """Two-sided tail probability P(|T| >= |t|) of Student's t with `dof` degrees of freedom,
-    through the regularised incomplete beta function I_x(dof/2, 1/2), x = dof / (dof + t^2)
-    (continued fraction, Numerical-Recipes style Lentz iteration)."""
-    x = dof / (dof + t * t)
-    a, b = dof / 2.0, 0.5
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    ln_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(1 - x)
-
-    def cont_frac(a: float, b: float, x: float) -> float:
-        tiny = 1e-300
-        c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        h = d
-        for m in range(1, 400):
-            m2 = 2 * m
-            num = m * (b - m) * x / ((a + m2 - 1) * (a + m2))
-            d = 1.0 + num * d
-            c = 1.0 + num / c
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-            num = -(a + m) * (a + b + m) * x / ((a + m2) * (a + m2 + 1))
-            d = 1.0 + num * d
-            c = 1.0 + num / c
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = c if abs(c) > tiny else tiny
-            delta = d * c
-            h *= delta
-            if abs(delta - 1.0) < 1e-14:
-                break
-        return h
-
-    # The continued fraction converges fast for x < (a + 1) / (a + b + 2); else use symmetry.
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(ln_front) * cont_frac(a, b, x) / a
-    return 1.0 - math.exp(ln_front) * cont_frac(b, a, 1.0 - x) / b
-
-
-def pearson_fallback(x: Sequence[float], y: Sequence[float]) -> Tuple[float, float]:
-    """Pearson r and its two-sided p-value (t = r sqrt((n-2)/(1-r^2)), n-2 dof) without scipy."""
-    xa, ya = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    n = xa.size
-    xc, yc = xa - xa.mean(), ya - ya.mean()
-    denom = math.sqrt(float((xc * xc).sum()) * float((yc * yc).sum()))
-    if denom == 0.0:
-        return float("nan"), float("nan")
-    r = max(-1.0, min(1.0, float((xc * yc).sum()) / denom))
-    if abs(r) == 1.0:
-        return r, 0.0
-    t = r * math.sqrt((n - 2) / (1.0 - r * r))
-    return r, _student_t_sf2(t, n - 2)
-
-
 def pearson(x: Sequence[float], y: Sequence[float]) -> Dict[str, float]:
-    """{"r", "p", "n"}: scipy.stats.pearsonr when scipy is there, else `pearson_fallback`.
-    Fewer than 3 points, or a constant series, give NaN (no correlation is defined)."""
+    """{"r", "p", "n"}: Pearson r and its two-sided p-value (scipy.stats.pearsonr: the Student-t
+    test with n - 2 degrees of freedom), NaN pairs dropped. Fewer than 3 points, or a constant
+    series, give NaN (no correlation is defined)."""
     if len(x) != len(y):
         raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
     pairs = [(a, b) for a, b in zip(x, y) if not (math.isnan(a) or math.isnan(b))]
@@ -87,14 +32,8 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> Dict[str, float]:
     xs, ys = [a for a, _ in pairs], [b for _, b in pairs]
     if np.std(xs) == 0.0 or np.std(ys) == 0.0:
         return {"r": float("nan"), "p": float("nan"), "n": n}
-    try:
-        from scipy.stats import pearsonr
-    except ImportError:
-        r, p = pearson_fallback(xs, ys)
-    else:
-        res = pearsonr(xs, ys)
-        r, p = float(res[0]), float(res[1])
-    return {"r": r, "p": p, "n": n}
+    res = scipy.stats.pearsonr(xs, ys)
+    return {"r": float(res.statistic), "p": float(res.pvalue), "n": n}
 
 
 def params_to_reach(curve: List[Tuple[float, float]], target: float) -> Tuple[Optional[float], str]:

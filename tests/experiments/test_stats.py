@@ -1,4 +1,4 @@
-"""Statistics of the experiments: Pearson r / p (own implementation vs scipy), mean ± std,
+"""Statistics of the experiments: Pearson r / p (against textbook values), mean ± std,
 and the parameter-efficiency read-off."""
 
 import math
@@ -6,19 +6,42 @@ import math
 import numpy as np
 import pytest
 
-from cdsr.experiments.stats import efficiency_ratio, mean_std, params_to_reach, pearson, pearson_fallback
+from cdsr.experiments.stats import efficiency_ratio, mean_std, params_to_reach, pearson
 
 
-@pytest.mark.parametrize("n,slope", [(4, 0.3), (7, -1.0), (24, 0.05), (60, -0.2), (200, 0.0)])
-def test_pearson_fallback_matches_scipy(n, slope):
-    stats = pytest.importorskip("scipy.stats")
-    rng = np.random.default_rng(n)
-    x = rng.normal(size=n)
-    y = slope * x + rng.normal(size=n)
-    r, p = pearson_fallback(x, y)
-    ref = stats.pearsonr(x, y)
-    assert r == pytest.approx(float(ref[0]), abs=1e-12)
-    assert p == pytest.approx(float(ref[1]), rel=1e-7, abs=1e-12)
+def test_pearson_textbook_example():
+    """x = 1..5, y = 2 4 5 4 5: r = 6 / sqrt(10 * 6) = sqrt(0.6), t = r sqrt(3 / (1 - r^2)) =
+    sqrt(4.5) on 3 degrees of freedom, whose two-sided tail has the closed form
+    1 - (2 / pi) (u / (1 + u^2) + atan u), u = t / sqrt(3) = sqrt(1.5): p = 0.12403."""
+    res = pearson([1.0, 2.0, 3.0, 4.0, 5.0], [2.0, 4.0, 5.0, 4.0, 5.0])
+    u = math.sqrt(1.5)
+    assert res["n"] == 5
+    assert res["r"] == pytest.approx(math.sqrt(0.6), abs=1e-12)
+    assert res["p"] == pytest.approx(1 - 2 / math.pi * (u / (1 + u * u) + math.atan(u)), abs=1e-12)
+    assert res["p"] == pytest.approx(0.12403, abs=1e-5)
+
+
+def _with_correlation(n, r):
+    """n points whose sample correlation is exactly r."""
+    x = np.arange(n, dtype=np.float64)
+    x = (x - x.mean()) / np.linalg.norm(x - x.mean())
+    z = np.cos(1.7 * np.arange(n))
+    z -= z.mean()
+    z -= (z @ x) * x
+    z /= np.linalg.norm(z)
+    return x, r * x + math.sqrt(1 - r * r) * z
+
+
+# Critical values of r (two-tailed) from the standard table: at r_crit the p-value is alpha.
+@pytest.mark.parametrize("n,r_crit,alpha", [(5, 0.878, 0.05), (10, 0.632, 0.05), (20, 0.444, 0.05),
+                                            (30, 0.361, 0.05), (10, 0.765, 0.01), (12, 0.708, 0.01)])
+def test_pearson_p_at_table_critical_values(n, r_crit, alpha):
+    x, y = _with_correlation(n, r_crit)
+    res = pearson(list(x), list(y))
+    assert res["r"] == pytest.approx(r_crit, abs=1e-12)
+    assert res["p"] == pytest.approx(alpha, rel=0.02)  # the table's r is rounded to 3 digits
+    # the sign of r does not change a two-sided p
+    assert pearson(list(x), list(-y))["p"] == pytest.approx(res["p"], rel=1e-12)
 
 
 def test_pearson_edge_cases():
