@@ -32,10 +32,7 @@ import sysconfig
 import tempfile
 from typing import Dict, List
 
-# the launchers must choose the GPU configurations, not the interpreter's
-os.environ.pop("TRITON_INTERPRET", None)
-
-import torch  # noqa: E402
+import torch
 
 SHAPES = [(256, 50, 64, 2), (256, 50, 256, 2), (128, 200, 128, 1), (1024, 50, 256, 2),
           (256, 200, 128, 4), (64, 50, 512, 4), (16, 50, 1024, 8)]
@@ -286,6 +283,10 @@ def main(argv=None) -> int:
                     help="exit 1 on spills, shared memory over the limit, or half-precision dots "
                          "without tensor cores")
     args = ap.parse_args(argv)
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") == "1":
+        ap.error("run in a process of its own: triton was imported here in interpreter mode")
+    # the launchers must choose the GPU configurations, not the interpreter's
+    os.environ.pop("TRITON_INTERPRET", None)
     os.makedirs(args.ptx_dir, exist_ok=True)
     shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split(",")) for s in args.shapes]
     records = triton_records(args.arch, args.ptx_dir, shapes, {k: DTYPES[k] for k in args.dtypes})

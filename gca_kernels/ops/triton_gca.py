@@ -48,18 +48,21 @@ Numerics and limits
 -------------------
 float32 and float64 everywhere (CPU only under ``TRITON_INTERPRET=1``); float16/bfloat16 on
 CUDA GPUs. Loads are upcast once to the accumulation dtype (float32, or float64 for float64
-inputs, passed to the kernels as ``ACC``), ``tl.dot`` runs with ``input_precision="ieee"``
-(no TF32), and results are cast back once. Row-wise intermediates handed from backward's
-kernels to torch are kept in the accumulation dtype. Scalars (LayerNorm eps, COS_EPS,
-1/sqrt(dh)) travel in a small tensor of the accumulation dtype: a Python float argument would
-be rounded to float32 by Triton. Any La, Lb >= 1, any d with n_heads | d (blocks are the next
-power of two >= 16 of d, dh and the gate width, masked), any number of heads, any gate width.
-Offsets of batch and row strides are 64-bit; B * H goes on the grid's first axis (2^31 - 1
-programs) and sequence blocks on the second (65535 blocks). The row-wise kernels hold a
-(rows x d) tile per row block, so very wide models (d in the thousands) would spill registers
-on a GPU. Speed is not tuned: half-precision inputs are upcast and multiplied in float32 on
-FMA units (no tensor cores); GPU block sizes are fixed (no autotuning), chosen from sm_90
-compile-only register/spill reports (ptxas -v), never timed on a GPU.
+inputs, passed to the kernels as ``ACC``) and results are cast back once. Dots (``_dot``):
+float16/bfloat16 inputs multiply operands in their own dtype on tensor cores with float32
+accumulation (p and ds tiles rounded to it, as FlashAttention does); float32/float64 inputs
+run exact (``input_precision="ieee"``, no TF32), which the tests compare against the float64
+reference. Row-wise intermediates handed from backward's kernels to torch are kept in the
+accumulation dtype. Scalars (LayerNorm eps, COS_EPS, 1/sqrt(dh)) travel in a small tensor of
+the accumulation dtype: a Python float argument would be rounded to float32 by Triton. Any
+La, Lb >= 1, any d with n_heads | d (blocks are the next power of two >= 16 of d, dh and the
+gate width, masked), any number of heads, any gate width. Offsets of batch and row strides are
+64-bit; B * H goes on the grid's first axis (2^31 - 1 programs) and sequence blocks on the
+second (65535 blocks). Limits, from the sm_90 compile report (``python -m
+benchmarks.gpu_compile``): the row-wise epilogues hold a (rows x d) tile per row block and
+fuse the output projection and the gate's products, so they spill from d = 256 in backward and
+need more shared memory than sm_90 has at d = 1024. GPU block sizes are fixed (no
+autotuning) and have never been timed on a GPU.
 """
 
 from __future__ import annotations
@@ -122,6 +125,17 @@ def _visible(offs_m, offs_n, b, La, Lb, KPM, AM, stride_amb,
     return vis
 
 
+@triton.jit
+def _dot(a, b, acc, OPD: tl.constexpr, HALF: tl.constexpr):
+    """a @ b (+ acc), accumulated in float32 (float64 for float64 inputs). Half-precision
+    inputs feed tensor cores with both operands in their own dtype (a p or ds tile is rounded
+    to it, as FlashAttention does); float32/float64 inputs stay exact (ieee, FMA units)."""
+    if HALF:
+        return tl.dot(a.to(OPD), b.to(OPD), acc, out_dtype=tl.float32)
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
+
+
 # ----------------------------------------------------------------------------- attention
 
 
@@ -137,6 +151,7 @@ def _attn_fwd_kernel(
     LSE,  # (B, H, La) acc dtype, output; +inf on rows with no visible key
     La, Lb, D, DH, H, stride_amb,
     HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, ACC: tl.constexpr,
+    OPD: tl.constexpr, HALF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -160,7 +175,7 @@ def _attn_fwd_kernel(
         kv_mask = (offs_n < Lb)[:, None] & cmask[None, :]
         kv_offs = kv_base + offs_n[:, None] * D + offs_c[None, :]
         k = tl.load(K + kv_offs, mask=kv_mask, other=0.0).to(ACC)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        s = _dot(q, tl.trans(k), None, OPD, HALF)
         vis = _visible(offs_m, offs_n, b, La, Lb, KPM, AM, stride_amb, HAS_KPM, HAS_AM)
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -170,7 +185,7 @@ def _attn_fwd_kernel(
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(V + kv_offs, mask=kv_mask, other=0.0).to(ACC)
-        acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
+        acc = _dot(p, v, acc * alpha[:, None], OPD, HALF)
         m_i = m_new
 
     has = l_i > 0.0
@@ -195,6 +210,7 @@ def _attn_bwd_dq_kernel(
     DQ,  # (B, La, D) acc dtype, output
     La, Lb, D, DH, H, stride_amb,
     HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, ACC: tl.constexpr,
+    OPD: tl.constexpr, HALF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -223,10 +239,10 @@ def _attn_bwd_dq_kernel(
         kv_offs = kv_base + offs_n[:, None] * D + offs_c[None, :]
         k = tl.load(K + kv_offs, mask=kv_mask, other=0.0).to(ACC)
         v = tl.load(V + kv_offs, mask=kv_mask, other=0.0).to(ACC)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        s = _dot(q, tl.trans(k), None, OPD, HALF)
         vis = _visible(offs_m, offs_n, b, La, Lb, KPM, AM, stride_amb, HAS_KPM, HAS_AM)
         p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        dp = _dot(do, tl.trans(v), None, OPD, HALF)
         delta += tl.sum(p * dp, axis=1)
     tl.store(DELTA + row, delta, mask=mmask)
 
@@ -237,13 +253,13 @@ def _attn_bwd_dq_kernel(
         kv_offs = kv_base + offs_n[:, None] * D + offs_c[None, :]
         k = tl.load(K + kv_offs, mask=kv_mask, other=0.0).to(ACC)
         v = tl.load(V + kv_offs, mask=kv_mask, other=0.0).to(ACC)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        s = _dot(q, tl.trans(k), None, OPD, HALF)
         vis = _visible(offs_m, offs_n, b, La, Lb, KPM, AM, stride_amb, HAS_KPM, HAS_AM)
         # lse = +inf on rows with no visible key: exp(-inf) = 0 there
         p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        dp = _dot(do, tl.trans(v), None, OPD, HALF)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds, k, dq, input_precision="ieee")
+        dq = _dot(ds, k, dq, OPD, HALF)
     tl.store(DQ + q_offs, dq * scale, mask=qmask)
 
 
@@ -262,6 +278,7 @@ def _attn_bwd_dkdv_kernel(
     DV,  # (B, Lb, D) acc dtype, output
     La, Lb, D, DH, H, stride_amb,
     HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, ACC: tl.constexpr,
+    OPD: tl.constexpr, HALF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -290,14 +307,14 @@ def _attn_bwd_dkdv_kernel(
         do = tl.load(DO + q_offs, mask=qmask, other=0.0).to(ACC)
         lse = tl.load(LSE + row_base + offs_m, mask=mmask, other=float("inf"))
         delta = tl.load(DELTA + row_base + offs_m, mask=mmask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        s = _dot(q, tl.trans(k), None, OPD, HALF)
         vis = _visible(offs_m, offs_n, b, La, Lb, KPM, AM, stride_amb, HAS_KPM, HAS_AM)
         p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
-        dv = tl.dot(tl.trans(p), do, dv, input_precision="ieee")
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        dv = _dot(tl.trans(p), do, dv, OPD, HALF)
+        dp = _dot(do, tl.trans(v), None, OPD, HALF)
         ds = p * (dp - delta[:, None])
         # q already carries the 1/sqrt(dh) factor of ds/dk
-        dk = tl.dot(tl.trans(ds), q, dk, input_precision="ieee")
+        dk = _dot(tl.trans(ds), q, dk, OPD, HALF)
     tl.store(DK + kv_offs, dk, mask=kv_mask)
     tl.store(DV + kv_offs, dv, mask=kv_mask)
 
@@ -307,8 +324,8 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _out_proj(O, WO, BO, rows, rmask, cols, cmask, has, D,
-              ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_K: tl.constexpr):
+              ACC: tl.constexpr, OPD: tl.constexpr, HALF: tl.constexpr, BLOCK_R: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
     """x' = (o Wo^T + bo) * has_key for a block of rows: (BLOCK_R, BLOCK_D), 0 outside d."""
     xp = tl.zeros([BLOCK_R, BLOCK_D], ACC)
     for k0 in range(0, D, BLOCK_K):
@@ -318,7 +335,7 @@ def _out_proj(O, WO, BO, rows, rmask, cols, cmask, has, D,
                         mask=rmask[:, None] & kmask[None, :], other=0.0).to(ACC)
         wo_t = tl.load(WO + cols[None, :] * D + kc[:, None],
                        mask=kmask[:, None] & cmask[None, :], other=0.0).to(ACC)  # Wo^T slice
-        xp = tl.dot(o_blk, wo_t, xp, input_precision="ieee")
+        xp = _dot(o_blk, wo_t, xp, OPD, HALF)
     bo = tl.load(BO + cols, mask=cmask, other=0.0).to(ACC)
     # no visible key: x' = 0 exactly, the bias is not added
     return tl.where(has[:, None] & cmask[None, :], xp + bo[None, :], 0.0)
@@ -326,31 +343,31 @@ def _out_proj(O, WO, BO, rows, rmask, cols, cmask, has, D,
 
 @triton.jit
 def _gate_hidden_chunk(xa, xp, W1, B1, jc, jmask, cols, cmask, D,
-                       ACC: tl.constexpr):
+                       ACC: tl.constexpr, OPD: tl.constexpr, HALF: tl.constexpr):
     """h_pre[:, jc] = x_a W1a[jc]^T + x' W1b[jc]^T + b1[jc], reading W1's two halves in place."""
     w_offs = jc[None, :] * (2 * D) + cols[:, None]
     wmask = cmask[:, None] & jmask[None, :]
     w1a_t = tl.load(W1 + w_offs, mask=wmask, other=0.0).to(ACC)  # (BLOCK_D, BLOCK_H)
     w1b_t = tl.load(W1 + D + w_offs, mask=wmask, other=0.0).to(ACC)
     b1 = tl.load(B1 + jc, mask=jmask, other=0.0).to(ACC)
-    hpre = tl.dot(xa, w1a_t, input_precision="ieee")
-    hpre = tl.dot(xp, w1b_t, hpre, input_precision="ieee")
+    hpre = _dot(xa, w1a_t, None, OPD, HALF)
+    hpre = _dot(xp, w1b_t, hpre, OPD, HALF)
     return hpre + b1[None, :]
 
 
 @triton.jit
 def _gate_pre(xa, xp, W1, B1, W2, B2, cols, cmask, D, HID,
-              ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_H: tl.constexpr):
+              ACC: tl.constexpr, OPD: tl.constexpr, HALF: tl.constexpr, BLOCK_R: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
     """g_pre = relu(h_pre) W2^T + b2, hidden width consumed chunk by chunk (h never stored)."""
     gpre = tl.zeros([BLOCK_R, BLOCK_D], ACC)
     for j0 in range(0, HID, BLOCK_H):
         jc = j0 + tl.arange(0, BLOCK_H)
         jmask = jc < HID
-        hpre = _gate_hidden_chunk(xa, xp, W1, B1, jc, jmask, cols, cmask, D, ACC)
+        hpre = _gate_hidden_chunk(xa, xp, W1, B1, jc, jmask, cols, cmask, D, ACC, OPD, HALF)
         w2_t = tl.load(W2 + cols[None, :] * HID + jc[:, None],
                        mask=jmask[:, None] & cmask[None, :], other=0.0).to(ACC)  # (BLOCK_H, BLOCK_D)
-        gpre = tl.dot(tl.maximum(hpre, 0.0), w2_t, gpre, input_precision="ieee")
+        gpre = _dot(tl.maximum(hpre, 0.0), w2_t, gpre, OPD, HALF)
     b2 = tl.load(B2 + cols, mask=cmask, other=0.0).to(ACC)
     return gpre + b2[None, :]
 
@@ -375,6 +392,7 @@ def _epilogue_fwd_kernel(
     RSTD,  # (R,) acc dtype, output: 1/sqrt(var(z) + eps) per row
     R, La, H, D, HID,
     ACT_TANH: tl.constexpr, HAS_LN: tl.constexpr, ACC: tl.constexpr,
+    OPD: tl.constexpr, HALF: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -388,9 +406,10 @@ def _epilogue_fwd_kernel(
     lse0 = tl.load(LSE + (rows // La) * H * La + rows % La, mask=rmask, other=float("inf"))
     has = lse0 < float("inf")
 
-    xp = _out_proj(O, WO, BO, rows, rmask, cols, cmask, has, D, ACC, BLOCK_R, BLOCK_D, BLOCK_K)
+    xp = _out_proj(O, WO, BO, rows, rmask, cols, cmask, has, D, ACC, OPD, HALF,
+                   BLOCK_R, BLOCK_D, BLOCK_K)
     g = _gate_act(_gate_pre(xa, xp, W1, B1, W2, B2, cols, cmask, D, HID,
-                            ACC, BLOCK_R, BLOCK_D, BLOCK_H), ACT_TANH)
+                            ACC, OPD, HALF, BLOCK_R, BLOCK_D, BLOCK_H), ACT_TANH)
     z = xa + g * xp  # 0 outside d: xa and xp are
 
     mean = tl.sum(z, axis=1) / D
@@ -437,6 +456,7 @@ def _epilogue_bwd_kernel(
     DLNB_PART,  # (n_programs, D) acc dtype, output: per-program sum of dy
     R, La, H, D, HID,
     ACT_TANH: tl.constexpr, HAS_LN: tl.constexpr, ACC: tl.constexpr,
+    OPD: tl.constexpr, HALF: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -451,9 +471,10 @@ def _epilogue_bwd_kernel(
     has = lse0 < float("inf")
 
     # recompute the forward row tensors
-    xp = _out_proj(O, WO, BO, rows, rmask, cols, cmask, has, D, ACC, BLOCK_R, BLOCK_D, BLOCK_K)
+    xp = _out_proj(O, WO, BO, rows, rmask, cols, cmask, has, D, ACC, OPD, HALF,
+                   BLOCK_R, BLOCK_D, BLOCK_K)
     g = _gate_act(_gate_pre(xa, xp, W1, B1, W2, B2, cols, cmask, D, HID,
-                            ACC, BLOCK_R, BLOCK_D, BLOCK_H), ACT_TANH)
+                            ACC, OPD, HALF, BLOCK_R, BLOCK_D, BLOCK_H), ACT_TANH)
     dy = tl.load(DY + offs, mask=m2, other=0.0).to(ACC)
 
     if HAS_LN:
@@ -484,21 +505,21 @@ def _epilogue_bwd_kernel(
     for j0 in range(0, HID, BLOCK_H):
         jc = j0 + tl.arange(0, BLOCK_H)
         jmask = jc < HID
-        hpre = _gate_hidden_chunk(xa, xp, W1, B1, jc, jmask, cols, cmask, D, ACC)
+        hpre = _gate_hidden_chunk(xa, xp, W1, B1, jc, jmask, cols, cmask, D, ACC, OPD, HALF)
         hm2 = rmask[:, None] & jmask[None, :]
         h_offs = rows[:, None] * HID + jc[None, :]
         tl.store(HREL + h_offs, tl.maximum(hpre, 0.0), mask=hm2)
         w2 = tl.load(W2 + cols[:, None] * HID + jc[None, :],
                      mask=cmask[:, None] & jmask[None, :], other=0.0).to(ACC)  # (BLOCK_D, BLOCK_H)
-        dh = tl.dot(dgpre, w2, input_precision="ieee")
+        dh = _dot(dgpre, w2, None, OPD, HALF)
         dhpre = tl.where(hpre > 0.0, dh, 0.0)
         tl.store(DHPRE + h_offs, dhpre, mask=hm2)
         w_offs = jc[:, None] * (2 * D) + cols[None, :]
         wmask = jmask[:, None] & cmask[None, :]
         w1a = tl.load(W1 + w_offs, mask=wmask, other=0.0).to(ACC)  # (BLOCK_H, BLOCK_D)
         w1b = tl.load(W1 + D + w_offs, mask=wmask, other=0.0).to(ACC)
-        dxa = tl.dot(dhpre, w1a, dxa, input_precision="ieee")
-        dxp = tl.dot(dhpre, w1b, dxp, input_precision="ieee")
+        dxa = _dot(dhpre, w1a, dxa, OPD, HALF)
+        dxp = _dot(dhpre, w1b, dxp, OPD, HALF)
 
     # cosine by-product: cos(x_a, x') is differentiable
     dcos = tl.load(DCOS + rows, mask=rmask, other=0.0).to(ACC)
@@ -515,7 +536,7 @@ def _epilogue_bwd_kernel(
         kmask = kc < D
         wo = tl.load(WO + cols[:, None] * D + kc[None, :],
                      mask=cmask[:, None] & kmask[None, :], other=0.0).to(ACC)  # (BLOCK_D, BLOCK_K)
-        do = tl.dot(dxpm, wo, input_precision="ieee")
+        do = _dot(dxpm, wo, None, OPD, HALF)
         tl.store(DO + rows[:, None] * D + kc[None, :], do, mask=rmask[:, None] & kmask[None, :])
 
 
@@ -556,6 +577,12 @@ def _row_blocks(d: int, hid: int) -> Tuple[int, int, int, int, int]:
         return 16, block_d, min(block_d, cap), min(block_h, cap), 4
     # 16-wide Wo / hidden chunks and 8 warps: no spills in forward at d = 128 (sm_90 ptxas)
     return 16, block_d, 16, 16, 8
+
+
+def _dot_operands(dtype: torch.dtype) -> dict:
+    """The kernels' dot operands: half dtypes on tensor cores, else exact (ieee)."""
+    half = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(dtype)
+    return {"OPD": half if half is not None else tl_acc(dtype), "HALF": half is not None}
 
 
 def _mask_args(key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], dummy: Tensor):
@@ -599,7 +626,7 @@ def gca_forward(
     _attn_fwd_kernel[(bsz * n_heads, triton.cdiv(la, bm))](
         q, k, v, kpm, am, scal, o, lse, la, lb, d, dh, n_heads, stride_amb,
         HAS_KPM=key_padding_mask is not None, HAS_AM=attn_mask is not None, ACC=tl_acc(x_a.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_DH=bdh, num_warps=nw)
+        **_dot_operands(x_a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_DH=bdh, num_warps=nw)
 
     rows = bsz * la
     y = torch.empty_like(x_a)
@@ -614,7 +641,7 @@ def gca_forward(
         ln_b.contiguous() if has_ln else scal, scal, y, cos, mean, rstd,
         rows, la, n_heads, d, hid,
         ACT_TANH=activation == "tanh", HAS_LN=has_ln, ACC=tl_acc(x_a.dtype),
-        BLOCK_R=br, BLOCK_D=bd, BLOCK_K=bk_, BLOCK_H=bh, num_warps=nw)
+        **_dot_operands(x_a.dtype), BLOCK_R=br, BLOCK_D=bd, BLOCK_K=bk_, BLOCK_H=bh, num_warps=nw)
     return y, cos, q, k, v, o, lse, mean, rstd
 
 
@@ -658,7 +685,7 @@ def gca_backward(
         dxa_rows, xp, dxpm, do, dgpre, hrel, dhpre, dlnw_part, dlnb_part,
         rows, la, n_heads, d, hid,
         ACT_TANH=activation == "tanh", HAS_LN=has_ln, ACC=tl_acc(dtype),
-        BLOCK_R=br, BLOCK_D=bd, BLOCK_K=bk_, BLOCK_H=bh, num_warps=nw)
+        **_dot_operands(dtype), BLOCK_R=br, BLOCK_D=bd, BLOCK_K=bk_, BLOCK_H=bh, num_warps=nw)
 
     kpm, am, stride_amb = _mask_args(key_padding_mask, attn_mask, q)
     delta = torch.empty(bsz, n_heads, la, dtype=acc, device=dev)
@@ -667,7 +694,8 @@ def gca_backward(
     dv = torch.empty(bsz, lb, d, dtype=acc, device=dev)
     bm, bn, bdh, nw = _attn_blocks(la, lb, dh)
     common = dict(HAS_KPM=key_padding_mask is not None, HAS_AM=attn_mask is not None,
-                  ACC=tl_acc(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_DH=bdh, num_warps=nw)
+                  ACC=tl_acc(dtype), **_dot_operands(dtype), BLOCK_M=bm, BLOCK_N=bn,
+                  BLOCK_DH=bdh, num_warps=nw)
     _attn_bwd_dq_kernel[(bsz * n_heads, triton.cdiv(la, bm))](
         q, k, v, do, lse, kpm, am, scal, delta, dq, la, lb, d, dh, n_heads, stride_amb, **common)
     _attn_bwd_dkdv_kernel[(bsz * n_heads, triton.cdiv(lb, bn))](

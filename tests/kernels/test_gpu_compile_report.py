@@ -38,6 +38,9 @@ def test_report_compiles_every_triton_kernel_for_sm90(tmp_path):
         if r["dtype"] == "fp32" and r["kernel"].startswith("_attn"):
             # float32 stays exact (ieee): FMA units, never tensor cores
             assert r["tensor_core_instructions"] == 0 and r["dot_instructions"] > 0
+        if r["dtype"] == "bf16" and r["computes_dots"]:
+            # half precision: every kernel with dots runs them on tensor cores
+            assert r["tensor_core_instructions"] > 0, r["kernel"]
 
 
 def test_violations_name_spills_shared_memory_and_half_dots_without_tensor_cores():
