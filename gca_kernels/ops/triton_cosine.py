@@ -26,7 +26,7 @@ float32 and break float64 agreement.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -146,6 +146,21 @@ def tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+_CONSTANTS: Dict[tuple, Tensor] = {}
+
+
+def device_constants(values: Tuple[float, ...], dtype: torch.dtype, device) -> Tensor:
+    """A small tensor of constants on ``device``, made once and reused: creating it per call
+    would copy from the host on every launch (a synchronisation, and no CUDA-graph capture)."""
+    key = (values, dtype, str(device))
+    t = _CONSTANTS.get(key)
+    if t is None:
+        if len(_CONSTANTS) > 256:  # many ln_eps / head sizes: start over rather than grow
+            _CONSTANTS.clear()
+        t = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return t
+
+
 def _row_blocks(d: int) -> Tuple[int, int, int]:
     block_d = triton.next_power_of_2(max(d, 1))
     # keep a program's tile near 4K elements so wide rows do not spill registers
@@ -179,7 +194,7 @@ def cosine_alignment_forward(x: Tensor, y: Tensor, mask: Optional[Tensor], absol
     block_r, block_d, num_warps = _row_blocks(d)
     grid = triton.cdiv(rows, block_r)
     partial = torch.empty(grid, dtype=acc, device=x.device)
-    scal = torch.tensor([COS_EPS], dtype=acc, device=x.device)
+    scal = device_constants((COS_EPS,), acc, x.device)
     _cos_align_fwd_kernel[(grid,)](
         x2, y2, x2 if m is None else m, scal, partial, rows, d,
         HAS_MASK=m is not None, ABSOLUTE=bool(absolute), ACC=tl_acc(x.dtype),
@@ -198,7 +213,7 @@ def cosine_alignment_backward(
         return dx.view(x.shape), dy.view(y.shape)
     acc = acc_dtype(x.dtype)
     w = grad.to(acc).reshape(()) / _n_valid(rows, mask, acc, x.device)
-    scal = torch.stack([torch.tensor(COS_EPS, dtype=acc, device=x.device), w])
+    scal = torch.cat([device_constants((COS_EPS,), acc, x.device), w.reshape(1)])
     block_r, block_d, num_warps = _row_blocks(d)
     _cos_align_bwd_kernel[(triton.cdiv(rows, block_r),)](
         x2, y2, x2 if m is None else m, scal, dx, dy, rows, d,

@@ -84,6 +84,7 @@ from gca_kernels.ops.triton_cosine import (
     _row_cos_grad,
     acc_dtype,
     cosine_alignment_triton,
+    device_constants,
     tl_acc,
 )
 from gca_kernels.reference import COS_EPS
@@ -597,7 +598,7 @@ def _mask_args(key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], 
 
 
 def _scalars(ln_eps: float, dh: int, acc: torch.dtype, device) -> Tensor:
-    return torch.tensor([ln_eps, COS_EPS, 1.0 / math.sqrt(dh)], dtype=acc, device=device)
+    return device_constants((float(ln_eps), COS_EPS, 1.0 / math.sqrt(dh)), acc, device)
 
 
 def gca_forward(
