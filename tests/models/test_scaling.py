@@ -37,12 +37,23 @@ def test_scaled_bare_backbone_matches_gca_count(name, positions):
     assert count_trainable(type(bare), N_A, N_B, dict(cfg, gca_positions=positions)) == _n(with_gca)
 
 
-def test_scaled_model_trains():
+@pytest.mark.parametrize("name", ["abxi", "cdsrnp"])
+def test_widened_parameters_all_receive_gradient(name):
+    """The widened feed-forward really is part of the model: every trainable parameter of the
+    parameter-matched backbone gets a gradient from the loss (learning itself is checked end to
+    end in tests/cdsr/test_trainer.py)."""
     rng = np.random.default_rng(0)
-    m = models.build_model("abxi", N_A, N_B, dict(TINY["abxi"], scale_to_match=[0]))
-    loss, _ = m.loss(train_batch(random_timelines(4, 9, rng), m.n_negatives, rng))
+    m = models.build_model(name, N_A, N_B, dict(TINY[name], scale_to_match=[0]))
+    torch.manual_seed(0)
+    loss, _ = m.loss(train_batch(random_timelines(8, 9, rng), m.n_negatives, rng))
     loss.backward()
     assert torch.isfinite(loss)
+    # (a LoRA's down-projection gets no gradient at the first step: its up-projection starts
+    # at zero, as LoRA intends)
+    dead = [k for k, p in m.named_parameters()
+            if p.requires_grad and not k.endswith("mat_a")
+            and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not dead, dead
 
 
 def test_scale_to_match_with_gca_positions_is_an_error():
