@@ -215,6 +215,9 @@ def cosine_alignment_backward(
     w = grad.to(acc).reshape(()) / _n_valid(rows, mask, acc, x.device)
     scal = torch.cat([device_constants((COS_EPS,), acc, x.device), w.reshape(1)])
     block_r, block_d, num_warps = _row_blocks(d)
+    # the backward holds four row tiles (x, y, dx, dy), not two: with 4 warps, 64 x 64 and
+    # 32 x 128 tiles spilled (sm_90 compile report); 8 warps hold them in registers
+    num_warps = max(num_warps, 8)
     _cos_align_bwd_kernel[(triton.cdiv(rows, block_r),)](
         x2, y2, x2 if m is None else m, scal, dx, dy, rows, d,
         HAS_MASK=m is not None, ABSOLUTE=bool(absolute), ACC=tl_acc(x.dtype),
