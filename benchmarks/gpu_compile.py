@@ -70,7 +70,7 @@ def _record_launches(shape, dtype) -> List[dict]:
 
     calls: List[dict] = []
     kernels = {T: ["_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel",
-                   "_epilogue_fwd_kernel", "_epilogue_bwd_kernel"],
+                   "_gate_out_fwd_kernel", "_gate_out_bwd_kernel"],
                C: ["_cos_align_fwd_kernel", "_cos_align_bwd_kernel"]}
     saved = {(m, n): getattr(m, n) for m, names in kernels.items() for n in names}
     try:
@@ -83,11 +83,11 @@ def _record_launches(shape, dtype) -> List[dict]:
         kpm = torch.zeros(B, L, dtype=torch.bool)
         am = torch.ones(L, L, dtype=torch.bool).triu(1)[None]
         out = T.gca_forward(x_a, x_b, *w, e(d), e(d), kpm, am, H, "sigmoid", 1e-5)
-        y, cos, q, k, v, o, lse, mean, rstd = out
+        y, cos, q, k, v, o, lse, mean, rstd, xp, h, g = out
         try:
             T.gca_backward(e(B, L, d), e(B, L), x_a, x_b, w[0], w[2], w[4], w[6], w[7], w[8],
-                           w[9], w[10], w[11], e(d), kpm, am, q, k, v, o, lse, mean, rstd, H,
-                           "sigmoid", 1e-5)
+                           w[9], w[10], w[11], e(d), kpm, am, q, k, v, o, lse, mean, rstd, xp,
+                           h, g, H, "sigmoid", 1e-5)
         except _LastKernel:
             pass
         C.cosine_alignment_forward(x_a, y, ~kpm, True)

@@ -1,10 +1,14 @@
 """Triton backend of the GCA operator (forward and backward) and its registration.
 
-The dense projections q/k/v = x W^T + b and the weight-gradient GEMMs of backward are left to
-torch matmul; everything between them runs in five Triton kernels (two forward, three backward).
-Saved for backward: the inputs and weights, q/k/v (the projections' outputs), o, the
-logsumexp and the LayerNorm mean/rstd per row: O((B * (La + Lb)) * d) memory, never
-O(La * Lb), and neither h (B * La x gate width) nor ``[x_a ; x']``.
+What is memory-bound or needs the (La x Lb) scores runs in Triton; the dense products run in
+torch (cuBLAS on a GPU, tensor cores for half precision): q/k/v, the output projection
+``x' = (o Wo^T + bo) * has_key``, the gate's layers ``h = relu(x_a W1a^T + x' W1b^T + b1)``
+and ``g_pre = h W2^T + b2`` (W1 read as its two d-column halves, so ``[x_a ; x']`` never
+exists), and every product of backward. Fusing those products into the row passes made the
+row kernels spill and run out of shared memory as d grew (sm_90 compile report), for no
+saving of traffic that a cuBLAS product does not already reach. Saved for backward: the
+inputs and weights, q/k/v, o, the logsumexp, the LayerNorm mean/rstd, x', h and g:
+O(B * (La + Lb) * (d + gate width)) memory, never O(La * Lb).
 
 Forward (2 kernels)
 -------------------
@@ -16,23 +20,18 @@ heads-concatenated layout and the log-sum-exp per (B, H, La) row. A query row th
 key gets ``o = 0`` and ``lse = +inf`` (which also makes backward's ``exp(s - lse)`` exactly 0
 there, with no NaN).
 
-``_epilogue_fwd_kernel``, grid (row blocks of B * La): everything row-wise after attention in
-one pass over each block of rows: the output projection ``x' = (o Wo^T + bo) * has_key``
-(``has_key`` read from head 0's ``lse``: the masks do not depend on the head), the gate
-``h = relu(x_a W1a^T + x' W1b^T + b1)`` computed in chunks of the hidden width without ever
-forming ``[x_a ; x']`` (W1 is read as its two d-column halves) and consumed at once by
-``g_pre += h W2^T`` (so h never reaches memory either), ``g = act(g_pre + b2)``, the Hadamard
-residual ``z = x_a + g * x'``, the LayerNorm (mean/rstd written for backward), and the per-row
+``_gate_out_fwd_kernel``, grid (row blocks of B * La): one pass over each block of rows after
+the products: ``g = act(g_pre)`` (written back for backward), the Hadamard residual
+``z = x_a + g * x'``, the LayerNorm (mean/rstd written for backward) and the per-row
 ``cos(x_a, x')``.
 
-Backward (3 kernels + torch GEMMs)
-----------------------------------
-``_epilogue_bwd_kernel``, row blocks: recomputes ``x'``, ``h`` and ``g`` from ``x_a``, ``o``
-and the weights (only ``o``, ``lse``, mean and rstd were saved), then runs LayerNorm
-backward (dln_w/dln_b as per-program partial sums reduced in torch), the gate backward
-(sigmoid/tanh and ReLU derivatives), the cosine backward and the output-projection backward
-``do = (dx' * has_key) Wo``. It writes the row tensors the weight-gradient GEMMs need
-(``dg_pre``, ``dh_pre``, ``h``, ``x'``, ``dx' * has_key``) and the row-local part of ``dx_a``.
+Backward (3 kernels + torch products)
+-------------------------------------
+``_gate_out_bwd_kernel``, row blocks: LayerNorm backward (dln_w/dln_b as per-program partial
+sums reduced in torch), the gate activation's derivative and the cosine's backward, writing
+``dg_pre``, ``dz * g`` + the cosine's part of ``dx'`` and ``dz`` + its part of ``dx_a``. The
+gate's layers and the output projection then go backward as torch products, giving
+``do = (dx' * has_key) Wo``.
 
 ``_attn_bwd_dq_kernel``, grid (B * H, La blocks): recomputes ``p = exp(q k^T / sqrt(dh) - lse)``
 and ``dp = do v^T`` over the visible keys twice: a first pass sums ``delta = sum_j p dp`` (stored
@@ -320,81 +319,24 @@ def _attn_bwd_dkdv_kernel(
     tl.store(DV + kv_offs, dv, mask=kv_mask)
 
 
-# ----------------------------------------------------------------------------- row-wise epilogue
+# ----------------------------------------------------------------------------- row passes
 
 
 @triton.jit
-def _out_proj(O, WO, BO, rows, rmask, cols, cmask, has, D,
-              ACC: tl.constexpr, OPD: tl.constexpr, HALF: tl.constexpr, BLOCK_R: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
-    """x' = (o Wo^T + bo) * has_key for a block of rows: (BLOCK_R, BLOCK_D), 0 outside d."""
-    xp = tl.zeros([BLOCK_R, BLOCK_D], ACC)
-    for k0 in range(0, D, BLOCK_K):
-        kc = k0 + tl.arange(0, BLOCK_K)
-        kmask = kc < D
-        o_blk = tl.load(O + rows[:, None] * D + kc[None, :],
-                        mask=rmask[:, None] & kmask[None, :], other=0.0).to(ACC)
-        wo_t = tl.load(WO + cols[None, :] * D + kc[:, None],
-                       mask=kmask[:, None] & cmask[None, :], other=0.0).to(ACC)  # Wo^T slice
-        xp = _dot(o_blk, wo_t, xp, OPD, HALF)
-    bo = tl.load(BO + cols, mask=cmask, other=0.0).to(ACC)
-    # no visible key: x' = 0 exactly, the bias is not added
-    return tl.where(has[:, None] & cmask[None, :], xp + bo[None, :], 0.0)
-
-
-@triton.jit
-def _gate_hidden_chunk(xa, xp, W1, B1, jc, jmask, cols, cmask, D,
-                       ACC: tl.constexpr, OPD: tl.constexpr, HALF: tl.constexpr):
-    """h_pre[:, jc] = x_a W1a[jc]^T + x' W1b[jc]^T + b1[jc], reading W1's two halves in place."""
-    w_offs = jc[None, :] * (2 * D) + cols[:, None]
-    wmask = cmask[:, None] & jmask[None, :]
-    w1a_t = tl.load(W1 + w_offs, mask=wmask, other=0.0).to(ACC)  # (BLOCK_D, BLOCK_H)
-    w1b_t = tl.load(W1 + D + w_offs, mask=wmask, other=0.0).to(ACC)
-    b1 = tl.load(B1 + jc, mask=jmask, other=0.0).to(ACC)
-    hpre = _dot(xa, w1a_t, None, OPD, HALF)
-    hpre = _dot(xp, w1b_t, hpre, OPD, HALF)
-    return hpre + b1[None, :]
-
-
-@triton.jit
-def _gate_pre(xa, xp, W1, B1, W2, B2, cols, cmask, D, HID,
-              ACC: tl.constexpr, OPD: tl.constexpr, HALF: tl.constexpr, BLOCK_R: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
-    """g_pre = relu(h_pre) W2^T + b2, hidden width consumed chunk by chunk (h never stored)."""
-    gpre = tl.zeros([BLOCK_R, BLOCK_D], ACC)
-    for j0 in range(0, HID, BLOCK_H):
-        jc = j0 + tl.arange(0, BLOCK_H)
-        jmask = jc < HID
-        hpre = _gate_hidden_chunk(xa, xp, W1, B1, jc, jmask, cols, cmask, D, ACC, OPD, HALF)
-        w2_t = tl.load(W2 + cols[None, :] * HID + jc[:, None],
-                       mask=jmask[:, None] & cmask[None, :], other=0.0).to(ACC)  # (BLOCK_H, BLOCK_D)
-        gpre = _dot(tl.maximum(hpre, 0.0), w2_t, gpre, OPD, HALF)
-    b2 = tl.load(B2 + cols, mask=cmask, other=0.0).to(ACC)
-    return gpre + b2[None, :]
-
-
-@triton.jit
-def _epilogue_fwd_kernel(
+def _gate_out_fwd_kernel(
     XA,  # (R, D) input dtype, R = B * La
-    O,  # (R, D) input dtype, attention output (heads concatenated)
-    LSE,  # (B, H, La) acc dtype; head 0 tells whether a row saw any key
-    WO,  # (D, D)
-    BO,  # (D,)
-    W1,  # (HID, 2D): columns [0, D) act on x_a, [D, 2D) on x'
-    B1,  # (HID,)
-    W2,  # (D, HID)
-    B2,  # (D,)
+    XP,  # (R, D) input dtype: x' = o Wo^T + bo, 0 on rows without a visible key
+    G,  # (R, D) input dtype: g_pre = relu(h_pre) W2^T + b2 in, the gate g out
+    SCAL,  # (3,) acc dtype: [ln_eps, cos_eps, 1/sqrt(dh)]
     LNW,  # (D,) (read only when HAS_LN)
     LNB,  # (D,) (read only when HAS_LN)
-    SCAL,  # (3,) acc dtype: [ln_eps, cos_eps, 1/sqrt(dh)]
     Y,  # (R, D) input dtype, output
-    COS,  # (R,) input dtype, output
+    COS,  # (R,) input dtype, output: cos(x_a, x')
     MEAN,  # (R,) acc dtype, output: mean of z per row
     RSTD,  # (R,) acc dtype, output: 1/sqrt(var(z) + eps) per row
-    R, La, H, D, HID,
+    R, D,
     ACT_TANH: tl.constexpr, HAS_LN: tl.constexpr, ACC: tl.constexpr,
-    OPD: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -404,13 +346,9 @@ def _epilogue_fwd_kernel(
     m2 = rmask[:, None] & cmask[None, :]
     offs = rows[:, None] * D + cols[None, :]
     xa = tl.load(XA + offs, mask=m2, other=0.0).to(ACC)
-    lse0 = tl.load(LSE + (rows // La) * H * La + rows % La, mask=rmask, other=float("inf"))
-    has = lse0 < float("inf")
-
-    xp = _out_proj(O, WO, BO, rows, rmask, cols, cmask, has, D, ACC, OPD, HALF,
-                   BLOCK_R, BLOCK_D, BLOCK_K)
-    g = _gate_act(_gate_pre(xa, xp, W1, B1, W2, B2, cols, cmask, D, HID,
-                            ACC, OPD, HALF, BLOCK_R, BLOCK_D, BLOCK_H), ACT_TANH)
+    xp = tl.load(XP + offs, mask=m2, other=0.0).to(ACC)
+    g = _gate_act(tl.load(G + offs, mask=m2, other=0.0).to(ACC), ACT_TANH)
+    tl.store(G + offs, g.to(G.dtype.element_ty), mask=m2)
     z = xa + g * xp  # 0 outside d: xa and xp are
 
     mean = tl.sum(z, axis=1) / D
@@ -430,35 +368,24 @@ def _epilogue_fwd_kernel(
 
 
 @triton.jit
-def _epilogue_bwd_kernel(
+def _gate_out_bwd_kernel(
     DY,  # (R, D) any float dtype, upstream gradient of y
     DCOS,  # (R,) any float dtype, upstream gradient of cos
     XA,  # (R, D) input dtype
-    O,  # (R, D) input dtype
-    LSE,  # (B, H, La) acc dtype
-    WO,  # (D, D)
-    BO,  # (D,)
-    W1,  # (HID, 2D)
-    B1,  # (HID,)
-    W2,  # (D, HID)
-    B2,  # (D,)
+    XP,  # (R, D) input dtype: x' as the forward stored it
+    G,  # (R, D) input dtype: the gate g
     LNW,  # (D,) (read only when HAS_LN)
     MEAN,  # (R,) acc dtype
     RSTD,  # (R,) acc dtype
     SCAL,  # (3,) acc dtype
-    DXA,  # (R, D) acc dtype, output: dz + gate and cosine parts of dx_a (not the q part)
-    XP,  # (R, D) acc dtype, output: recomputed x'
-    DXPM,  # (R, D) acc dtype, output: dx' * has_key (gradient at the output projection)
-    DO,  # (R, D) acc dtype, output: (dx' * has_key) Wo
+    DXA,  # (R, D) acc dtype, output: dz + the cosine's part of dx_a
+    DXP,  # (R, D) acc dtype, output: dz * g + the cosine's part of dx' (not yet masked)
     DGPRE,  # (R, D) acc dtype, output: gradient of g_pre
-    HREL,  # (R, HID) acc dtype, output: recomputed relu(h_pre)
-    DHPRE,  # (R, HID) acc dtype, output: gradient of h_pre
     DLNW_PART,  # (n_programs, D) acc dtype, output: per-program sum of dy * zhat
     DLNB_PART,  # (n_programs, D) acc dtype, output: per-program sum of dy
-    R, La, H, D, HID,
+    R, D,
     ACT_TANH: tl.constexpr, HAS_LN: tl.constexpr, ACC: tl.constexpr,
-    OPD: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -468,14 +395,8 @@ def _epilogue_bwd_kernel(
     m2 = rmask[:, None] & cmask[None, :]
     offs = rows[:, None] * D + cols[None, :]
     xa = tl.load(XA + offs, mask=m2, other=0.0).to(ACC)
-    lse0 = tl.load(LSE + (rows // La) * H * La + rows % La, mask=rmask, other=float("inf"))
-    has = lse0 < float("inf")
-
-    # recompute the forward row tensors
-    xp = _out_proj(O, WO, BO, rows, rmask, cols, cmask, has, D, ACC, OPD, HALF,
-                   BLOCK_R, BLOCK_D, BLOCK_K)
-    g = _gate_act(_gate_pre(xa, xp, W1, B1, W2, B2, cols, cmask, D, HID,
-                            ACC, OPD, HALF, BLOCK_R, BLOCK_D, BLOCK_H), ACT_TANH)
+    xp = tl.load(XP + offs, mask=m2, other=0.0).to(ACC)
+    g = tl.load(G + offs, mask=m2, other=0.0).to(ACC)
     dy = tl.load(DY + offs, mask=m2, other=0.0).to(ACC)
 
     if HAS_LN:
@@ -494,60 +415,24 @@ def _epilogue_bwd_kernel(
         dz = dy
 
     # z = x_a + g * x'
-    dxp = dz * g
     if ACT_TANH:
         dgpre = dz * xp * (1.0 - g * g)
     else:
         dgpre = dz * xp * g * (1.0 - g)
-    tl.store(DGPRE + offs, dgpre, mask=m2)
-    dxa = dz
-
-    # gate backward, chunk by chunk over the hidden width (h_pre recomputed per chunk)
-    for j0 in range(0, HID, BLOCK_H):
-        jc = j0 + tl.arange(0, BLOCK_H)
-        jmask = jc < HID
-        hpre = _gate_hidden_chunk(xa, xp, W1, B1, jc, jmask, cols, cmask, D, ACC, OPD, HALF)
-        hm2 = rmask[:, None] & jmask[None, :]
-        h_offs = rows[:, None] * HID + jc[None, :]
-        tl.store(HREL + h_offs, tl.maximum(hpre, 0.0), mask=hm2)
-        w2 = tl.load(W2 + cols[:, None] * HID + jc[None, :],
-                     mask=cmask[:, None] & jmask[None, :], other=0.0).to(ACC)  # (BLOCK_D, BLOCK_H)
-        dh = _dot(dgpre, w2, None, OPD, HALF)
-        dhpre = tl.where(hpre > 0.0, dh, 0.0)
-        tl.store(DHPRE + h_offs, dhpre, mask=hm2)
-        w_offs = jc[:, None] * (2 * D) + cols[None, :]
-        wmask = jmask[:, None] & cmask[None, :]
-        w1a = tl.load(W1 + w_offs, mask=wmask, other=0.0).to(ACC)  # (BLOCK_H, BLOCK_D)
-        w1b = tl.load(W1 + D + w_offs, mask=wmask, other=0.0).to(ACC)
-        dxa = _dot(dhpre, w1a, dxa, OPD, HALF)
-        dxp = _dot(dhpre, w1b, dxp, OPD, HALF)
-
-    # cosine by-product: cos(x_a, x') is differentiable
+    # cos(x_a, x') is differentiable too
     dcos = tl.load(DCOS + rows, mask=rmask, other=0.0).to(ACC)
     dxa_c, dxp_c = _row_cos_grad(xa, xp, dcos, tl.load(SCAL + 1))
-    dxa = dxa + dxa_c
-    # rows that saw no key: x' was forced to 0, so nothing flows into o, Wo or bo
-    dxpm = tl.where(has[:, None] & cmask[None, :], dxp + dxp_c, 0.0)
-    tl.store(DXA + offs, dxa, mask=m2)
-    tl.store(XP + offs, xp, mask=m2)
-    tl.store(DXPM + offs, dxpm, mask=m2)
-    # do = dx' Wo, written chunk by chunk
-    for k0 in range(0, D, BLOCK_K):
-        kc = k0 + tl.arange(0, BLOCK_K)
-        kmask = kc < D
-        wo = tl.load(WO + cols[:, None] * D + kc[None, :],
-                     mask=cmask[:, None] & kmask[None, :], other=0.0).to(ACC)  # (BLOCK_D, BLOCK_K)
-        do = _dot(dxpm, wo, None, OPD, HALF)
-        tl.store(DO + rows[:, None] * D + kc[None, :], do, mask=rmask[:, None] & kmask[None, :])
+    tl.store(DGPRE + offs, dgpre, mask=m2)
+    tl.store(DXA + offs, dz + dxa_c, mask=m2)
+    tl.store(DXP + offs, dz * g + dxp_c, mask=m2)
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
-# Largest sequence block and feature chunk under the interpreter, where big blocks are cheap
-# (numpy) and loop steps are not; tests lower them to run the multi-block/multi-chunk paths.
+# Largest sequence block under the interpreter, where big blocks are cheap (numpy) and loop
+# steps are not; tests lower it to run the multi-block paths.
 _INTERP_MAX_SEQ_BLOCK = 64
-_INTERP_MAX_CHUNK = 1 << 30
 
 
 def _interpreted() -> bool:
@@ -571,13 +456,13 @@ def _attn_blocks(la: int, lb: int, dh: int) -> Tuple[int, int, int, int]:
     return min(block, _p2(la)), min(block, _p2(lb)), block_dh, 8
 
 
-def _row_blocks(d: int, hid: int) -> Tuple[int, int, int, int, int]:
-    block_d, block_h = _p2(d), _p2(hid)
+def _row_blocks(d: int) -> Tuple[int, int, int]:
+    """(rows per program, d's block, warps) of the row passes: about 4K elements a tile."""
+    block_d = triton.next_power_of_2(max(d, 1))
+    block_r = max(1, min(16, 4096 // block_d))
     if _interpreted():
-        cap = max(16, _INTERP_MAX_CHUNK)
-        return 16, block_d, min(block_d, cap), min(block_h, cap), 4
-    # 16-wide Wo / hidden chunks and 8 warps: no spills in forward at d = 128 (sm_90 ptxas)
-    return 16, block_d, 16, 16, 8
+        return block_r, block_d, 4
+    return block_r, block_d, 8 if block_d >= 256 else 4
 
 
 def _dot_operands(dtype: torch.dtype) -> dict:
@@ -607,11 +492,11 @@ def gca_forward(
     ln_w: Optional[Tensor], ln_b: Optional[Tensor], key_padding_mask: Optional[Tensor],
     attn_mask: Optional[Tensor], n_heads: int, activation: str, ln_eps: float,
 ) -> Tuple[Tensor, ...]:
-    """Returns (y, cos, q, k, v, o, lse, mean, rstd); the last seven are saved for backward."""
+    """Returns (y, cos, q, k, v, o, lse, mean, rstd, x', h, g); all but y and cos are saved
+    for backward (h = relu(h_pre), g the gate)."""
     bsz, la, d = x_a.shape
     lb = x_b.shape[1]
     dh = d // n_heads
-    hid = w1.shape[0]
     acc = acc_dtype(x_a.dtype)
     x_a = x_a.contiguous()
     x_b = x_b.contiguous()
@@ -629,21 +514,27 @@ def gca_forward(
         HAS_KPM=key_padding_mask is not None, HAS_AM=attn_mask is not None, ACC=tl_acc(x_a.dtype),
         **_dot_operands(x_a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_DH=bdh, num_warps=nw)
 
+    # output projection and gate: cuBLAS products in the input dtype (tensor cores for half);
+    # x' = 0 on rows that saw no key (lse = +inf), so the bias is not added there
     rows = bsz * la
+    xa2 = x_a.view(rows, d)
+    has = torch.isfinite(lse[:, 0, :]).reshape(rows, 1)
+    xp = torch.addmm(bo, o.view(rows, d), wo.t()).masked_fill_(~has, 0.0)
+    h = torch.addmm(b1, xa2, w1[:, :d].t()).addmm_(xp, w1[:, d:].t()).relu_()
+    g = torch.addmm(b2, h, w2.t())  # g_pre; the row pass turns it into g in place
+
     y = torch.empty_like(x_a)
     cos = torch.empty(bsz, la, dtype=x_a.dtype, device=x_a.device)
     mean = torch.empty(rows, dtype=acc, device=x_a.device)
     rstd = torch.empty(rows, dtype=acc, device=x_a.device)
-    br, bd, bk_, bh, nw = _row_blocks(d, hid)
+    br, bd, nw = _row_blocks(d)
     has_ln = ln_w is not None
-    _epilogue_fwd_kernel[(triton.cdiv(rows, br),)](
-        x_a, o, lse, wo.contiguous(), bo.contiguous(), w1.contiguous(), b1.contiguous(),
-        w2.contiguous(), b2.contiguous(), ln_w.contiguous() if has_ln else scal,
-        ln_b.contiguous() if has_ln else scal, scal, y, cos, mean, rstd,
-        rows, la, n_heads, d, hid,
+    _gate_out_fwd_kernel[(triton.cdiv(rows, br),)](
+        xa2, xp, g, scal, ln_w.contiguous() if has_ln else scal,
+        ln_b.contiguous() if has_ln else scal, y, cos, mean, rstd, rows, d,
         ACT_TANH=activation == "tanh", HAS_LN=has_ln, ACC=tl_acc(x_a.dtype),
-        **_dot_operands(x_a.dtype), BLOCK_R=br, BLOCK_D=bd, BLOCK_K=bk_, BLOCK_H=bh, num_warps=nw)
-    return y, cos, q, k, v, o, lse, mean, rstd
+        BLOCK_R=br, BLOCK_D=bd, num_warps=nw)
+    return y, cos, q, k, v, o, lse, mean, rstd, xp, h, g
 
 
 def gca_backward(
@@ -651,42 +542,50 @@ def gca_backward(
     wo: Tensor, bo: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     ln_w: Optional[Tensor], key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
     q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, mean: Tensor, rstd: Tensor,
-    n_heads: int, activation: str, ln_eps: float,
+    xp: Tensor, h: Tensor, g: Tensor, n_heads: int, activation: str, ln_eps: float,
 ) -> List[Tensor]:
     """Gradients [dx_a, dx_b, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dw1, db1, dw2, db2,
-    dln_w, dln_b] (the last two empty when LayerNorm is off)."""
+    dln_w, dln_b] (the last two empty when LayerNorm is off). Products run in the input dtype
+    (cuBLAS, tensor cores for half), sums and row-pass outputs in the accumulation dtype."""
     bsz, la, d = x_a.shape
     lb = x_b.shape[1]
     dh = d // n_heads
-    hid = w1.shape[0]
     rows = bsz * la
     dtype, dev = x_a.dtype, x_a.device
     acc = acc_dtype(dtype)
-    x_a = x_a.contiguous()
-    x_b = x_b.contiguous()
+    xa2 = x_a.contiguous().view(rows, d)
+    xb2 = x_b.contiguous().view(bsz * lb, d)
     dy = dy.contiguous()
     dcos = dcos.contiguous()
     scal = _scalars(ln_eps, dh, acc, dev)
     has_ln = ln_w is not None
 
-    br, bd, bk_, bh, nw = _row_blocks(d, hid)
+    br, bd, nw = _row_blocks(d)
     n_prog = triton.cdiv(rows, br)
-    dxa_rows = torch.empty(rows, d, dtype=acc, device=dev)
-    xp = torch.empty(rows, d, dtype=acc, device=dev)
-    dxpm = torch.empty(rows, d, dtype=acc, device=dev)
-    do = torch.empty(bsz, la, d, dtype=acc, device=dev)
+    dxa = torch.empty(rows, d, dtype=acc, device=dev)
+    dxp = torch.empty(rows, d, dtype=acc, device=dev)
     dgpre = torch.empty(rows, d, dtype=acc, device=dev)
-    hrel = torch.empty(rows, hid, dtype=acc, device=dev)
-    dhpre = torch.empty(rows, hid, dtype=acc, device=dev)
     dlnw_part = torch.empty(n_prog if has_ln else 0, d, dtype=acc, device=dev)
     dlnb_part = torch.empty(n_prog if has_ln else 0, d, dtype=acc, device=dev)
-    _epilogue_bwd_kernel[(n_prog,)](
-        dy, dcos, x_a, o, lse, wo.contiguous(), bo.contiguous(), w1.contiguous(), b1.contiguous(),
-        w2.contiguous(), b2.contiguous(), ln_w.contiguous() if has_ln else scal, mean, rstd, scal,
-        dxa_rows, xp, dxpm, do, dgpre, hrel, dhpre, dlnw_part, dlnb_part,
-        rows, la, n_heads, d, hid,
+    _gate_out_bwd_kernel[(n_prog,)](
+        dy, dcos, xa2, xp, g, ln_w.contiguous() if has_ln else scal, mean, rstd, scal,
+        dxa, dxp, dgpre, dlnw_part, dlnb_part, rows, d,
         ACT_TANH=activation == "tanh", HAS_LN=has_ln, ACC=tl_acc(dtype),
-        **_dot_operands(dtype), BLOCK_R=br, BLOCK_D=bd, BLOCK_K=bk_, BLOCK_H=bh, num_warps=nw)
+        BLOCK_R=br, BLOCK_D=bd, num_warps=nw)
+
+    # the gate's layers and the output projection, backward (h is stored post-relu)
+    dgp = dgpre.to(dtype)
+    dw2, db2 = dgp.t() @ h, dgpre.sum(0)
+    dhp = (dgp @ w2).masked_fill_(h <= 0, 0.0)
+    dw1 = torch.cat([dhp.t() @ xa2, dhp.t() @ xp], dim=1)
+    db1 = dhp.sum(0, dtype=acc)
+    dxa += dhp @ w1[:, :d]
+    dxp += dhp @ w1[:, d:]
+    # rows that saw no key: x' was forced to 0, so nothing flows into o, Wo or bo
+    dxp.masked_fill_(~torch.isfinite(lse[:, 0, :]).reshape(rows, 1), 0.0)
+    dxpd = dxp.to(dtype)
+    dwo, dbo = dxpd.t() @ o.view(rows, d), dxp.sum(0)
+    do = (dxpd @ wo).to(acc).view(bsz, la, d)
 
     kpm, am, stride_amb = _mask_args(key_padding_mask, attn_mask, q)
     delta = torch.empty(bsz, n_heads, la, dtype=acc, device=dev)
@@ -702,25 +601,21 @@ def gca_backward(
     _attn_bwd_dkdv_kernel[(bsz * n_heads, triton.cdiv(lb, bn))](
         q, k, v, do, lse, delta, kpm, am, scal, dk, dv, la, lb, d, dh, n_heads, stride_amb, **common)
 
-    # weight gradients: plain GEMMs over the row tensors the kernels wrote
-    xa2 = x_a.reshape(rows, d).to(acc)
-    xb2 = x_b.reshape(bsz * lb, d).to(acc)
-    o2 = o.reshape(rows, d).to(acc)
+    # the projections' weight gradients and the inputs' gradients
     dq2, dk2, dv2 = dq.view(rows, d), dk.view(bsz * lb, d), dv.view(bsz * lb, d)
-    dx_a = dxa_rows + dq2 @ wq.to(acc)
-    dx_b = dk2 @ wk.to(acc) + dv2 @ wv.to(acc)
+    dqd, dkd, dvd = dq2.to(dtype), dk2.to(dtype), dv2.to(dtype)
+    dx_a = dxa + dqd @ wq
+    dx_b = (dkd @ wk).to(acc) + dvd @ wv
     grads = [
         dx_a.view(bsz, la, d), dx_b.view(bsz, lb, d),
-        dq2.T @ xa2, dq2.sum(0), dk2.T @ xb2, dk2.sum(0), dv2.T @ xb2, dv2.sum(0),
-        dxpm.T @ o2, dxpm.sum(0),
-        torch.cat([dhpre.T @ xa2, dhpre.T @ xp], dim=1), dhpre.sum(0),
-        dgpre.T @ hrel, dgpre.sum(0),
+        dqd.t() @ xa2, dq2.sum(0), dkd.t() @ xb2, dk2.sum(0), dvd.t() @ xb2, dv2.sum(0),
+        dwo, dbo, dw1, db1, dw2, db2,
     ]
     if has_ln:
         grads += [dlnw_part.sum(0), dlnb_part.sum(0)]
     else:
         grads += [torch.empty(0, dtype=acc, device=dev), torch.empty(0, dtype=acc, device=dev)]
-    return [g.to(dtype) for g in grads]
+    return [t.to(dtype) for t in grads]
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -732,7 +627,8 @@ def triton_gca_fwd(
     bv: Tensor, wo: Tensor, bo: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     ln_w: Optional[Tensor], ln_b: Optional[Tensor], key_padding_mask: Optional[Tensor],
     attn_mask: Optional[Tensor], n_heads: int, activation: str, ln_eps: float,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+           Tensor, Tensor]:
     return gca_forward(x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b,
                        key_padding_mask, attn_mask, n_heads, activation, ln_eps)
 
@@ -744,9 +640,10 @@ def _(x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b,
     lb = x_b.shape[1]
     acc = acc_dtype(x_a.dtype)
     new = x_a.new_empty
+    rows = bsz * la
     return (new(bsz, la, d), new(bsz, la), new(bsz, la, d), new(bsz, lb, d), new(bsz, lb, d),
-            new(bsz, la, d), new(bsz, n_heads, la, dtype=acc), new(bsz * la, dtype=acc),
-            new(bsz * la, dtype=acc))
+            new(bsz, la, d), new(bsz, n_heads, la, dtype=acc), new(rows, dtype=acc),
+            new(rows, dtype=acc), new(rows, d), new(rows, w1.shape[0]), new(rows, d))
 
 
 @torch.library.custom_op("gca_kernels::triton_gca_bwd", mutates_args=())
@@ -755,16 +652,16 @@ def triton_gca_bwd(
     wo: Tensor, bo: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     ln_w: Optional[Tensor], key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
     q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, mean: Tensor, rstd: Tensor,
-    n_heads: int, activation: str, ln_eps: float,
+    xp: Tensor, h: Tensor, g: Tensor, n_heads: int, activation: str, ln_eps: float,
 ) -> List[Tensor]:
     return gca_backward(dy, dcos, x_a, x_b, wq, wk, wv, wo, bo, w1, b1, w2, b2, ln_w,
-                        key_padding_mask, attn_mask, q, k, v, o, lse, mean, rstd,
+                        key_padding_mask, attn_mask, q, k, v, o, lse, mean, rstd, xp, h, g,
                         n_heads, activation, ln_eps)
 
 
 @triton_gca_bwd.register_fake
 def _(dy, dcos, x_a, x_b, wq, wk, wv, wo, bo, w1, b1, w2, b2, ln_w, key_padding_mask,
-      attn_mask, q, k, v, o, lse, mean, rstd, n_heads, activation, ln_eps):
+      attn_mask, q, k, v, o, lse, mean, rstd, xp, h, g, n_heads, activation, ln_eps):
     d = x_a.shape[-1]
     ln = (d,) if ln_w is not None else (0,)
     shapes = [x_a.shape, x_b.shape, wq.shape, (d,), wk.shape, (d,), wv.shape, (d,), wo.shape,
@@ -775,10 +672,10 @@ def _(dy, dcos, x_a, x_b, wq, wk, wv, wo, bo, w1, b1, w2, b2, ln_w, key_padding_
 def _gca_setup_context(ctx, inputs, output):
     (x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b,
      key_padding_mask, attn_mask, n_heads, activation, ln_eps) = inputs
-    y, cos, q, k, v, o, lse, mean, rstd = output
-    ctx.mark_non_differentiable(q, k, v, o, lse, mean, rstd)
+    y, cos, q, k, v, o, lse, mean, rstd, xp, h, g = output
+    ctx.mark_non_differentiable(q, k, v, o, lse, mean, rstd, xp, h, g)
     ctx.save_for_backward(x_a, x_b, wq, wk, wv, wo, bo, w1, b1, w2, b2, ln_w,
-                          key_padding_mask, attn_mask, q, k, v, o, lse, mean, rstd)
+                          key_padding_mask, attn_mask, q, k, v, o, lse, mean, rstd, xp, h, g)
     ctx.n_heads, ctx.activation, ctx.ln_eps = n_heads, activation, ln_eps
     ctx.has_ln = ln_w is not None
 

@@ -95,9 +95,8 @@ def test_forward_and_every_gradient_match_float64_reference(case):
 ], ids=str)
 def test_multi_block_loops(case, monkeypatch):
     """Blocks of 16: several key/query blocks (online-softmax rescaling across blocks, a block
-    with no visible key before one with), and Wo / gate-hidden chunks with ragged tails."""
+    with no visible key before one with), and gate widths that are not a power of two."""
     monkeypatch.setattr(triton_gca, "_INTERP_MAX_SEQ_BLOCK", 16)
-    monkeypatch.setattr(triton_gca, "_INTERP_MAX_CHUNK", 16)
     base = make_problem(case, seed=5)
     ref = _outputs_and_grads(cast_problem(base, torch.float64), "eager")
     for dtype in (torch.float64, torch.float32):
@@ -157,11 +156,11 @@ def test_opcheck_custom_ops():
     nolns = (*args[:14], None, None, p["key_padding_mask"], None, 2, "sigmoid", 1e-5)
     torch.library.opcheck(torch.ops.gca_kernels.triton_gca_fwd.default, nolns)
     with torch.no_grad():
-        y, cos, q, k, v, o, lse, mean, rstd = torch.ops.gca_kernels.triton_gca_fwd(*args)
+        y, cos, q, k, v, o, lse, mean, rstd, xp, h, g = torch.ops.gca_kernels.triton_gca_fwd(*args)
     det = [t.detach() if isinstance(t, torch.Tensor) else t for t in args]
     x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b, kpm, am = det[:18]
     bwd_args = (torch.randn_like(y), torch.randn_like(cos), x_a, x_b, wq, wk, wv, wo, bo, w1, b1,
-                w2, b2, ln_w, kpm, am, q, k, v, o, lse, mean, rstd, 2, "tanh", 1e-5)
+                w2, b2, ln_w, kpm, am, q, k, v, o, lse, mean, rstd, xp, h, g, 2, "tanh", 1e-5)
     torch.library.opcheck(torch.ops.gca_kernels.triton_gca_bwd.default, bwd_args)
 
     x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
