@@ -308,6 +308,8 @@ struct Rows {
   bool all_active = false;
 
   bool compact() const { return idx.defined(); }
+  // Every stored row sees a key (compact: only such rows are stored; dense: all_active).
+  bool stored_rows_see_keys() const { return compact() || all_active; }
 
   // A (total, cols) tensor whose top n rows receive the compact rows; returns it and writes
   // the top rows' view to top. The rest is never read: it is zeroed only when the tensor
@@ -590,7 +592,7 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
   at::Tensor xp = qr.packed(d, opts, xp_c, custom_op);
   at::Tensor cos = recycled_empty({N}, opts);
   // (compact rows, and the all-active flag, exist on the CPU only)
-  const bool cos_in_gate = qr.compact() || qr.all_active;
+  const bool cos_in_gate = qr.stored_rows_see_keys();
   if (cos_in_gate) {
     at::addmm_out(xp_c, bo, o_c, wo.t());
   } else {
@@ -681,7 +683,7 @@ std::vector<at::Tensor> gca_backward(
   // The same when every row sees a key; otherwise the dense path zeroes keyless rows of dxp
   // after the product, so it sums dxp itself.
   at::Tensor dbo = at::empty({d}, opts);
-  const bool every_row_has_key = qr.compact() || qr.all_active;  // (of the rows stored)
+  const bool every_row_has_key = qr.stored_rows_see_keys();
   at::Tensor dxp_sum = every_row_has_key ? dbo : at::Tensor();
   {
     RECORD_FUNCTION("gca::gate_out_bwd", std::vector<c10::IValue>());  // named in profiles

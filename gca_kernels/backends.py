@@ -157,11 +157,6 @@ _HOW_TO_BUILD = {
 }
 
 
-def _triton_runs_on(device: torch.device) -> bool:
-    # On the CPU Triton kernels only run in its interpreter.
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def resolve(backend: str, device: torch.device, dtype: torch.dtype,
             autocast_dtype: Optional[torch.dtype] = None) -> Backend:
     """The backend serving tensors on ``device`` of ``dtype``.

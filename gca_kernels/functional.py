@@ -7,6 +7,7 @@ of consistent shapes, one device and one floating dtype, and masks in a single l
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional, Tuple
 
 import torch
@@ -152,13 +153,10 @@ def gated_cross_attention(
         impl = resolve(backend, x_a.device, x_a.dtype)
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.contiguous()
-    if low is None:
+    with _autocast_off(x_a, low):  # under autocast the dtype is chosen above: keep it
         y, cos = impl.gca_fn(x_a, x_b, p, key_padding_mask, attn_mask, n_heads, activation,
                              float(ln_eps))
-    else:
-        with torch.autocast(x_a.device.type, enabled=False):  # the dtype is chosen: keep it
-            y, cos = impl.gca_fn(x_a, x_b, p, key_padding_mask, attn_mask, n_heads, activation,
-                                 float(ln_eps))
+    if low is not None:
         y, cos = y.to(low), cos.to(low)
     return (y, cos) if need_alignment else y
 
@@ -172,6 +170,11 @@ def _autocast_dtype(*tensors) -> Optional[torch.dtype]:
     if any(isinstance(t, Tensor) and t.dtype == torch.float64 for t in tensors):
         return None
     return torch.get_autocast_dtype(first.device.type)
+
+
+def _autocast_off(t: Tensor, low: Optional[torch.dtype]):
+    """Autocast switched off for the backend call when it was on (``low`` set); else nothing."""
+    return nullcontext() if low is None else torch.autocast(t.device.type, enabled=False)
 
 
 def _cast(t, dtype: torch.dtype):
@@ -210,7 +213,5 @@ def cosine_alignment(
         if mask.device != x.device:
             raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
     impl = resolve(backend, x.device, x.dtype)
-    if low is None:
-        return impl.cosine_fn(x, y, mask, bool(absolute))
-    with torch.autocast(x.device.type, enabled=False):
+    with _autocast_off(x, low):
         return impl.cosine_fn(x, y, mask, bool(absolute))

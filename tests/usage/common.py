@@ -9,7 +9,6 @@ scaled to the tensor; it adapts to every shape and dtype without hand-tuned cons
 from __future__ import annotations
 
 import copy
-import os
 from contextlib import contextmanager
 from typing import Dict, Optional, Tuple
 
@@ -171,6 +170,3 @@ def num_threads(n: int):
     finally:
         torch.set_num_threads(before)
 
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

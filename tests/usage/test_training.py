@@ -3,7 +3,6 @@ and a two-process DistributedDataParallel step, each on dense batches of 1,600 q
 
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
