@@ -72,9 +72,9 @@ def _record_launches(shape, dtype) -> List[dict]:
     kernels = {T: ["_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel",
                    "_gate_out_fwd_kernel", "_gate_out_bwd_kernel"],
                C: ["_cos_align_fwd_kernel", "_cos_align_bwd_kernel"]}
-    saved = {(m, n): getattr(m, n) for m, names in kernels.items() for n in names}
+    originals = {(m, n): getattr(m, n) for m, names in kernels.items() for n in names}
     try:
-        for (m, n), fn in saved.items():
+        for (m, n), fn in originals.items():
             setattr(m, n, _Recorder(fn, calls, last=n == "_attn_bwd_dkdv_kernel"))
         B, L, d, H = shape
         e = lambda *s: torch.zeros(*s, dtype=dtype)  # noqa: E731
@@ -82,18 +82,16 @@ def _record_launches(shape, dtype) -> List[dict]:
         w = [e(d, d), e(d)] * 4 + [e(d, 2 * d), e(d), e(d, d), e(d)]
         kpm = torch.zeros(B, L, dtype=torch.bool)
         am = torch.ones(L, L, dtype=torch.bool).triu(1)[None]
-        out = T.gca_forward(x_a, x_b, *w, e(d), e(d), kpm, am, H, "sigmoid", 1e-5)
-        y, cos, q, k, v, o, lse, mean, rstd, xp, h, g = out
+        y, cos, saved = T.gca_forward(x_a, x_b, *w, e(d), e(d), kpm, am, H, "sigmoid", 1e-5)
         try:
-            T.gca_backward(e(B, L, d), e(B, L), x_a, x_b, w[0], w[2], w[4], w[6], w[7], w[8],
-                           w[9], w[10], w[11], e(d), kpm, am, q, k, v, o, lse, mean, rstd, xp,
-                           h, g, H, "sigmoid", 1e-5)
+            T.gca_backward(e(B, L, d), e(B, L), x_a, x_b, w[0], w[2], w[4], w[6], w[8], w[10],
+                           e(d), kpm, am, saved, H, "sigmoid", 1e-5)
         except _LastKernel:
             pass
         C.cosine_alignment_forward(x_a, y, ~kpm, True)
         C.cosine_alignment_backward(torch.ones(()), x_a, y, ~kpm, True)
     finally:
-        for (m, n), fn in saved.items():
+        for (m, n), fn in originals.items():
             setattr(m, n, fn)
     return calls
 

@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -142,14 +142,14 @@ def _dot(a, b, acc, OPD: tl.constexpr, HALF: tl.constexpr):
 @triton.jit
 def _attn_fwd_kernel(
     Q,  # (B, La, D) input dtype, head h in columns [h*DH, (h+1)*DH)
-    K,  # (B, Lb, D) input dtype
-    V,  # (B, Lb, D) input dtype
+    K,  # (B, Lb, .) input dtype, row stride SKV (k and v share one (B, Lb, 2D) buffer)
+    V,  # (B, Lb, .) input dtype, row stride SKV
     KPM,  # (B, Lb) uint8, 1 = padding key (read only when HAS_KPM)
     AM,  # (Bm, La, Lb) uint8, 1 = blocked; batch stride stride_amb (0 when Bm == 1)
     SCAL,  # (3,) acc dtype: [ln_eps, cos_eps, 1/sqrt(DH)]
-    O,  # (B, La, D) input dtype, output
+    O,  # (B, La, SO) input dtype, output: o in columns [0, D), then [has_key, 0, ..., 0]
     LSE,  # (B, H, La) acc dtype, output; +inf on rows with no visible key
-    La, Lb, D, DH, H, stride_amb,
+    La, Lb, D, DH, H, stride_amb, SKV, SO,
     HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, ACC: tl.constexpr,
     OPD: tl.constexpr, HALF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr,
@@ -165,7 +165,7 @@ def _attn_fwd_kernel(
     q_ptrs = Q + b * La * D + h * DH + offs_m[:, None] * D + offs_c[None, :]
     # the softmax scale is folded into q once (backward recomputes s the same way)
     q = tl.load(q_ptrs, mask=mmask[:, None] & cmask[None, :], other=0.0).to(ACC) * tl.load(SCAL + 2)
-    kv_base = b * Lb * D + h * DH
+    kv_base = b * Lb * SKV + h * DH
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
@@ -173,7 +173,7 @@ def _attn_fwd_kernel(
     for n0 in range(0, Lb, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n < Lb)[:, None] & cmask[None, :]
-        kv_offs = kv_base + offs_n[:, None] * D + offs_c[None, :]
+        kv_offs = kv_base + offs_n[:, None] * SKV + offs_c[None, :]
         k = tl.load(K + kv_offs, mask=kv_mask, other=0.0).to(ACC)
         s = _dot(q, tl.trans(k), None, OPD, HALF)
         vis = _visible(offs_m, offs_n, b, La, Lb, KPM, AM, stride_amb, HAS_KPM, HAS_AM)
@@ -191,8 +191,14 @@ def _attn_fwd_kernel(
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("inf"))
-    tl.store(O + b * La * D + h * DH + offs_m[:, None] * D + offs_c[None, :],
-             o.to(O.dtype.element_ty), mask=mmask[:, None] & cmask[None, :])
+    o_rows = O + b * La * SO + offs_m[:, None] * SO
+    tl.store(o_rows + h * DH + offs_c[None, :], o.to(O.dtype.element_ty),
+             mask=mmask[:, None] & cmask[None, :])
+    if h == 0:
+        # the tail [has_key, 0, ..., 0] turns the output projection's bias into has_key * bo
+        offs_t = tl.arange(0, 8)
+        tail = tl.where(offs_t[None, :] == 0, has.to(ACC)[:, None], 0.0)
+        tl.store(o_rows + D + offs_t[None, :], tail.to(O.dtype.element_ty), mask=mmask[:, None])
     tl.store(LSE + pid_bh.to(tl.int64) * La + offs_m, lse, mask=mmask)
 
 
@@ -201,14 +207,15 @@ def _attn_bwd_dq_kernel(
     Q,  # (B, La, D) input dtype
     K,  # (B, Lb, D) input dtype
     V,  # (B, Lb, D) input dtype
-    DO,  # (B, La, D) acc dtype, gradient of o
+    DO,  # (B, La, D) input dtype, gradient of o
     LSE,  # (B, H, La) acc dtype
     KPM,  # (B, Lb) uint8
     AM,  # (Bm, La, Lb) uint8
     SCAL,  # (3,) acc dtype: [ln_eps, cos_eps, 1/sqrt(DH)]
     DELTA,  # (B, H, La) acc dtype, output: sum_j p_ij dp_ij per head
-    DQ,  # (B, La, D) acc dtype, output
-    La, Lb, D, DH, H, stride_amb,
+    DQ,  # (B, La, D) input dtype, output
+    DBQ_PART,  # (B * query blocks, D) acc dtype, output: per-program column sums of dq
+    La, Lb, D, DH, H, stride_amb, SKV,
     HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, ACC: tl.constexpr,
     OPD: tl.constexpr, HALF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr,
@@ -227,7 +234,7 @@ def _attn_bwd_dq_kernel(
     do = tl.load(DO + q_offs, mask=qmask, other=0.0).to(ACC)
     row = pid_bh.to(tl.int64) * La + offs_m
     lse = tl.load(LSE + row, mask=mmask, other=float("inf"))
-    kv_base = b * Lb * D + h * DH
+    kv_base = b * Lb * SKV + h * DH
 
     # delta = sum_j p_ij dp_ij, equal to rowsum(do * o) in exact arithmetic; summed from the
     # same p and dp that ds uses, a row with one visible key (p = 1) gets ds = 0 exactly,
@@ -236,7 +243,7 @@ def _attn_bwd_dq_kernel(
     for n0 in range(0, Lb, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n < Lb)[:, None] & (offs_c < DH)[None, :]
-        kv_offs = kv_base + offs_n[:, None] * D + offs_c[None, :]
+        kv_offs = kv_base + offs_n[:, None] * SKV + offs_c[None, :]
         k = tl.load(K + kv_offs, mask=kv_mask, other=0.0).to(ACC)
         v = tl.load(V + kv_offs, mask=kv_mask, other=0.0).to(ACC)
         s = _dot(q, tl.trans(k), None, OPD, HALF)
@@ -250,7 +257,7 @@ def _attn_bwd_dq_kernel(
     for n0 in range(0, Lb, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n < Lb)[:, None] & (offs_c < DH)[None, :]
-        kv_offs = kv_base + offs_n[:, None] * D + offs_c[None, :]
+        kv_offs = kv_base + offs_n[:, None] * SKV + offs_c[None, :]
         k = tl.load(K + kv_offs, mask=kv_mask, other=0.0).to(ACC)
         v = tl.load(V + kv_offs, mask=kv_mask, other=0.0).to(ACC)
         s = _dot(q, tl.trans(k), None, OPD, HALF)
@@ -260,7 +267,10 @@ def _attn_bwd_dq_kernel(
         dp = _dot(do, tl.trans(v), None, OPD, HALF)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds, k, dq, OPD, HALF)
-    tl.store(DQ + q_offs, dq * scale, mask=qmask)
+    dq = dq * scale
+    tl.store(DQ + q_offs, dq.to(DQ.dtype.element_ty), mask=qmask)
+    part = (b * tl.num_programs(1) + pid_m) * D + h * DH + offs_c
+    tl.store(DBQ_PART + part, tl.sum(dq, axis=0), mask=offs_c < DH)
 
 
 @triton.jit
@@ -268,15 +278,16 @@ def _attn_bwd_dkdv_kernel(
     Q,  # (B, La, D) input dtype
     K,  # (B, Lb, D) input dtype
     V,  # (B, Lb, D) input dtype
-    DO,  # (B, La, D) acc dtype
+    DO,  # (B, La, D) input dtype
     LSE,  # (B, H, La) acc dtype
     DELTA,  # (B, H, La) acc dtype, from _attn_bwd_dq_kernel
     KPM,  # (B, Lb) uint8
     AM,  # (Bm, La, Lb) uint8
     SCAL,  # (3,) acc dtype
-    DK,  # (B, Lb, D) acc dtype, output
-    DV,  # (B, Lb, D) acc dtype, output
-    La, Lb, D, DH, H, stride_amb,
+    DK,  # (B, Lb, .) input dtype, output, row stride SKV (dk and dv share a (B, Lb, 2D) buffer)
+    DV,  # (B, Lb, .) input dtype, output, row stride SKV
+    DBKV_PART,  # (B * key blocks, 2D) acc dtype, output: per-program column sums of dk | dv
+    La, Lb, D, DH, H, stride_amb, SKV,
     HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, ACC: tl.constexpr,
     OPD: tl.constexpr, HALF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr,
@@ -289,7 +300,7 @@ def _attn_bwd_dkdv_kernel(
     offs_c = tl.arange(0, BLOCK_DH)
     cmask = offs_c < DH
     kv_mask = (offs_n < Lb)[:, None] & cmask[None, :]
-    kv_offs = b * Lb * D + h * DH + offs_n[:, None] * D + offs_c[None, :]
+    kv_offs = b * Lb * SKV + h * DH + offs_n[:, None] * SKV + offs_c[None, :]
     k = tl.load(K + kv_offs, mask=kv_mask, other=0.0).to(ACC)
     v = tl.load(V + kv_offs, mask=kv_mask, other=0.0).to(ACC)
     scale = tl.load(SCAL + 2)
@@ -315,8 +326,11 @@ def _attn_bwd_dkdv_kernel(
         ds = p * (dp - delta[:, None])
         # q already carries the 1/sqrt(dh) factor of ds/dk
         dk = _dot(tl.trans(ds), q, dk, OPD, HALF)
-    tl.store(DK + kv_offs, dk, mask=kv_mask)
-    tl.store(DV + kv_offs, dv, mask=kv_mask)
+    tl.store(DK + kv_offs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    part = (b * tl.num_programs(1) + pid_n) * 2 * D + h * DH + offs_c
+    tl.store(DBKV_PART + part, tl.sum(dk, axis=0), mask=cmask)
+    tl.store(DBKV_PART + part + D, tl.sum(dv, axis=0), mask=cmask)
 
 
 # ----------------------------------------------------------------------------- row passes
@@ -326,7 +340,7 @@ def _attn_bwd_dkdv_kernel(
 def _gate_out_fwd_kernel(
     XA,  # (R, D) input dtype, R = B * La
     XP,  # (R, D) input dtype: x' = o Wo^T + bo, 0 on rows without a visible key
-    G,  # (R, D) input dtype: g_pre = relu(h_pre) W2^T + b2 in, the gate g out
+    GPRE,  # (R, D) input dtype: g_pre = relu(h_pre) W2^T + b2 (backward recomputes g from it)
     SCAL,  # (3,) acc dtype: [ln_eps, cos_eps, 1/sqrt(dh)]
     LNW,  # (D,) (read only when HAS_LN)
     LNB,  # (D,) (read only when HAS_LN)
@@ -347,8 +361,7 @@ def _gate_out_fwd_kernel(
     offs = rows[:, None] * D + cols[None, :]
     xa = tl.load(XA + offs, mask=m2, other=0.0).to(ACC)
     xp = tl.load(XP + offs, mask=m2, other=0.0).to(ACC)
-    g = _gate_act(tl.load(G + offs, mask=m2, other=0.0).to(ACC), ACT_TANH)
-    tl.store(G + offs, g.to(G.dtype.element_ty), mask=m2)
+    g = _gate_act(tl.load(GPRE + offs, mask=m2, other=0.0).to(ACC), ACT_TANH)
     z = xa + g * xp  # 0 outside d: xa and xp are
 
     mean = tl.sum(z, axis=1) / D
@@ -373,14 +386,15 @@ def _gate_out_bwd_kernel(
     DCOS,  # (R,) any float dtype, upstream gradient of cos
     XA,  # (R, D) input dtype
     XP,  # (R, D) input dtype: x' as the forward stored it
-    G,  # (R, D) input dtype: the gate g
+    GPRE,  # (R, D) input dtype: the gate's pre-activation g_pre
     LNW,  # (D,) (read only when HAS_LN)
     MEAN,  # (R,) acc dtype
     RSTD,  # (R,) acc dtype
     SCAL,  # (3,) acc dtype
-    DXA,  # (R, D) acc dtype, output: dz + the cosine's part of dx_a
-    DXP,  # (R, D) acc dtype, output: dz * g + the cosine's part of dx' (not yet masked)
-    DGPRE,  # (R, D) acc dtype, output: gradient of g_pre
+    DXA,  # (R, D) input dtype, output: dz + the cosine's part of dx_a
+    DXP,  # (R, D) input dtype, output: dz * g + the cosine's part of dx'
+    DGPRE,  # (R, D) input dtype, output: gradient of g_pre
+    DB2_PART,  # (n_programs, D) acc dtype, output: per-program sum of dg_pre (for b2)
     DLNW_PART,  # (n_programs, D) acc dtype, output: per-program sum of dy * zhat
     DLNB_PART,  # (n_programs, D) acc dtype, output: per-program sum of dy
     R, D,
@@ -396,7 +410,7 @@ def _gate_out_bwd_kernel(
     offs = rows[:, None] * D + cols[None, :]
     xa = tl.load(XA + offs, mask=m2, other=0.0).to(ACC)
     xp = tl.load(XP + offs, mask=m2, other=0.0).to(ACC)
-    g = tl.load(G + offs, mask=m2, other=0.0).to(ACC)
+    g = _gate_act(tl.load(GPRE + offs, mask=m2, other=0.0).to(ACC), ACT_TANH)
     dy = tl.load(DY + offs, mask=m2, other=0.0).to(ACC)
 
     if HAS_LN:
@@ -422,9 +436,10 @@ def _gate_out_bwd_kernel(
     # cos(x_a, x') is differentiable too
     dcos = tl.load(DCOS + rows, mask=rmask, other=0.0).to(ACC)
     dxa_c, dxp_c = _row_cos_grad(xa, xp, dcos, tl.load(SCAL + 1))
-    tl.store(DGPRE + offs, dgpre, mask=m2)
-    tl.store(DXA + offs, dz + dxa_c, mask=m2)
-    tl.store(DXP + offs, dz * g + dxp_c, mask=m2)
+    tl.store(DGPRE + offs, dgpre.to(DGPRE.dtype.element_ty), mask=m2)
+    tl.store(DB2_PART + pid.to(tl.int64) * D + cols, tl.sum(dgpre, axis=0), mask=cmask)
+    tl.store(DXA + offs, (dz + dxa_c).to(DXA.dtype.element_ty), mask=m2)
+    tl.store(DXP + offs, (dz * g + dxp_c).to(DXP.dtype.element_ty), mask=m2)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -486,67 +501,92 @@ def _scalars(ln_eps: float, dh: int, acc: torch.dtype, device) -> Tensor:
     return device_constants((float(ln_eps), COS_EPS, 1.0 / math.sqrt(dh)), acc, device)
 
 
+# Columns after o's d in the saved o buffer: [has_key, 0 x 7] (16-byte rows in every dtype).
+_O_TAIL = 8
+
+
+class Saved(NamedTuple):
+    """What the forward keeps for backward, besides the inputs and weights."""
+
+    q: Tensor  # (B, La, d)
+    kv: Tensor  # (B, Lb, 2d): k | v
+    o: Tensor  # (B, La, d + 8): attention output | has_key, 0 x 7
+    lse: Tensor  # (B, H, La) acc dtype; +inf on rows with no visible key
+    mean: Tensor  # (B * La,) acc dtype, LayerNorm statistics
+    rstd: Tensor  # (B * La,) acc dtype
+    xp: Tensor  # (B * La, d): x'
+    h: Tensor  # (B * La, gate width): relu(h_pre)
+    gpre: Tensor  # (B * La, d): the gate's pre-activation
+
+
+def _out_proj_weight(wo: Tensor, bo: Tensor) -> Tensor:
+    """[Wo | bo | 0 x 7] (d, d + 8): o_ext @ this^T = o Wo^T + has_key * bo, so x' = 0 on rows
+    that saw no key without a masking pass, and dbo comes out of dWo's product."""
+    d = wo.shape[0]
+    return torch.cat([wo, bo[:, None], wo.new_zeros(d, _O_TAIL - 1)], dim=1)
+
+
 def gca_forward(
     x_a: Tensor, x_b: Tensor, wq: Tensor, bq: Tensor, wk: Tensor, bk: Tensor, wv: Tensor,
     bv: Tensor, wo: Tensor, bo: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     ln_w: Optional[Tensor], ln_b: Optional[Tensor], key_padding_mask: Optional[Tensor],
     attn_mask: Optional[Tensor], n_heads: int, activation: str, ln_eps: float,
-) -> Tuple[Tensor, ...]:
-    """Returns (y, cos, q, k, v, o, lse, mean, rstd, x', h, g); all but y and cos are saved
-    for backward (h = relu(h_pre), g the gate)."""
+) -> Tuple[Tensor, Tensor, Saved]:
+    """Returns (y, cos, saved)."""
     bsz, la, d = x_a.shape
     lb = x_b.shape[1]
     dh = d // n_heads
+    rows = bsz * la
     acc = acc_dtype(x_a.dtype)
-    x_a = x_a.contiguous()
-    x_b = x_b.contiguous()
-    q = F.linear(x_a, wq, bq).contiguous()
-    k = F.linear(x_b, wk, bk).contiguous()
-    v = F.linear(x_b, wv, bv).contiguous()
-    scal = _scalars(ln_eps, dh, acc, x_a.device)
+    dev = x_a.device
+    xa2 = x_a.contiguous().view(rows, d)
+    # q, and k | v from one product that reads x_b once
+    q = torch.addmm(bq, xa2, wq.t()).view(bsz, la, d)
+    kv = torch.addmm(torch.cat([bk, bv]), x_b.contiguous().view(bsz * lb, d),
+                     torch.cat([wk, wv]).t()).view(bsz, lb, 2 * d)
+    scal = _scalars(ln_eps, dh, acc, dev)
     kpm, am, stride_amb = _mask_args(key_padding_mask, attn_mask, q)
 
-    o = torch.empty_like(q)
-    lse = torch.empty(bsz, n_heads, la, dtype=acc, device=x_a.device)
+    o = torch.empty(bsz, la, d + _O_TAIL, dtype=x_a.dtype, device=dev)
+    lse = torch.empty(bsz, n_heads, la, dtype=acc, device=dev)
     bm, bn, bdh, nw = _attn_blocks(la, lb, dh)
     _attn_fwd_kernel[(bsz * n_heads, triton.cdiv(la, bm))](
-        q, k, v, kpm, am, scal, o, lse, la, lb, d, dh, n_heads, stride_amb,
-        HAS_KPM=key_padding_mask is not None, HAS_AM=attn_mask is not None, ACC=tl_acc(x_a.dtype),
-        **_dot_operands(x_a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_DH=bdh, num_warps=nw)
+        q, kv, kv[..., d:], kpm, am, scal, o, lse, la, lb, d, dh, n_heads, stride_amb, 2 * d,
+        d + _O_TAIL, HAS_KPM=key_padding_mask is not None, HAS_AM=attn_mask is not None,
+        ACC=tl_acc(x_a.dtype), **_dot_operands(x_a.dtype), BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_DH=bdh, num_warps=nw)
 
-    # output projection and gate: cuBLAS products in the input dtype (tensor cores for half);
-    # x' = 0 on rows that saw no key (lse = +inf), so the bias is not added there
-    rows = bsz * la
-    xa2 = x_a.view(rows, d)
-    has = torch.isfinite(lse[:, 0, :]).reshape(rows, 1)
-    xp = torch.addmm(bo, o.view(rows, d), wo.t()).masked_fill_(~has, 0.0)
+    # output projection and gate: cuBLAS products in the input dtype (tensor cores for half)
+    xp = o.view(rows, d + _O_TAIL) @ _out_proj_weight(wo, bo).t()
     h = torch.addmm(b1, xa2, w1[:, :d].t()).addmm_(xp, w1[:, d:].t()).relu_()
-    g = torch.addmm(b2, h, w2.t())  # g_pre; the row pass turns it into g in place
+    gpre = torch.addmm(b2, h, w2.t())
 
-    y = torch.empty_like(x_a)
-    cos = torch.empty(bsz, la, dtype=x_a.dtype, device=x_a.device)
-    mean = torch.empty(rows, dtype=acc, device=x_a.device)
-    rstd = torch.empty(rows, dtype=acc, device=x_a.device)
+    y = torch.empty(bsz, la, d, dtype=x_a.dtype, device=dev)  # x_a may be strided
+    cos = torch.empty(bsz, la, dtype=x_a.dtype, device=dev)
+    mean = torch.empty(rows, dtype=acc, device=dev)
+    rstd = torch.empty(rows, dtype=acc, device=dev)
     br, bd, nw = _row_blocks(d)
     has_ln = ln_w is not None
     _gate_out_fwd_kernel[(triton.cdiv(rows, br),)](
-        xa2, xp, g, scal, ln_w.contiguous() if has_ln else scal,
+        xa2, xp, gpre, scal, ln_w.contiguous() if has_ln else scal,
         ln_b.contiguous() if has_ln else scal, y, cos, mean, rstd, rows, d,
         ACT_TANH=activation == "tanh", HAS_LN=has_ln, ACC=tl_acc(x_a.dtype),
         BLOCK_R=br, BLOCK_D=bd, num_warps=nw)
-    return y, cos, q, k, v, o, lse, mean, rstd, xp, h, g
+    return y, cos, Saved(q, kv, o, lse, mean, rstd, xp, h, gpre)
 
 
 def gca_backward(
     dy: Tensor, dcos: Tensor, x_a: Tensor, x_b: Tensor, wq: Tensor, wk: Tensor, wv: Tensor,
-    wo: Tensor, bo: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
-    ln_w: Optional[Tensor], key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
-    q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, mean: Tensor, rstd: Tensor,
-    xp: Tensor, h: Tensor, g: Tensor, n_heads: int, activation: str, ln_eps: float,
+    wo: Tensor, w1: Tensor, w2: Tensor, ln_w: Optional[Tensor],
+    key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], saved: Saved,
+    n_heads: int, activation: str, ln_eps: float,
 ) -> List[Tensor]:
     """Gradients [dx_a, dx_b, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dw1, db1, dw2, db2,
-    dln_w, dln_b] (the last two empty when LayerNorm is off). Products run in the input dtype
-    (cuBLAS, tensor cores for half), sums and row-pass outputs in the accumulation dtype."""
+    dln_w, dln_b] (the last two empty when LayerNorm is off). Every (rows, d) intermediate is
+    in the input dtype and every product runs in it (cuBLAS; tensor cores for half, with
+    float32 accumulation, as eager autograd does); bias and LayerNorm-parameter gradients are
+    per-program partial sums in the accumulation dtype, reduced here."""
+    q, kv, o, lse, mean, rstd, xp, h, gpre = saved
     bsz, la, d = x_a.shape
     lb = x_b.shape[1]
     dh = d // n_heads
@@ -562,60 +602,68 @@ def gca_backward(
 
     br, bd, nw = _row_blocks(d)
     n_prog = triton.cdiv(rows, br)
-    dxa = torch.empty(rows, d, dtype=acc, device=dev)
-    dxp = torch.empty(rows, d, dtype=acc, device=dev)
-    dgpre = torch.empty(rows, d, dtype=acc, device=dev)
+    dxa = torch.empty(rows, d, dtype=dtype, device=dev)
+    dxp = torch.empty(rows, d, dtype=dtype, device=dev)
+    dgpre = torch.empty(rows, d, dtype=dtype, device=dev)
+    db2_part = torch.empty(n_prog, d, dtype=acc, device=dev)
     dlnw_part = torch.empty(n_prog if has_ln else 0, d, dtype=acc, device=dev)
     dlnb_part = torch.empty(n_prog if has_ln else 0, d, dtype=acc, device=dev)
     _gate_out_bwd_kernel[(n_prog,)](
-        dy, dcos, xa2, xp, g, ln_w.contiguous() if has_ln else scal, mean, rstd, scal,
-        dxa, dxp, dgpre, dlnw_part, dlnb_part, rows, d,
+        dy, dcos, xa2, xp, gpre, ln_w.contiguous() if has_ln else scal, mean, rstd, scal,
+        dxa, dxp, dgpre, db2_part, dlnw_part, dlnb_part, rows, d,
         ACT_TANH=activation == "tanh", HAS_LN=has_ln, ACC=tl_acc(dtype),
         BLOCK_R=br, BLOCK_D=bd, num_warps=nw)
 
-    # the gate's layers and the output projection, backward (h is stored post-relu)
-    dgp = dgpre.to(dtype)
-    dw2, db2 = dgp.t() @ h, dgpre.sum(0)
-    dhp = (dgp @ w2).masked_fill_(h <= 0, 0.0)
+    # the gate's layers backward (h is stored post-relu), accumulating into dx_a and dx'
+    dw2 = dgpre.t() @ h
+    dhp = torch.ops.aten.threshold_backward(dgpre @ w2, h, 0)
     dw1 = torch.cat([dhp.t() @ xa2, dhp.t() @ xp], dim=1)
-    db1 = dhp.sum(0, dtype=acc)
-    dxa += dhp @ w1[:, :d]
-    dxp += dhp @ w1[:, d:]
-    # rows that saw no key: x' was forced to 0, so nothing flows into o, Wo or bo
-    dxp.masked_fill_(~torch.isfinite(lse[:, 0, :]).reshape(rows, 1), 0.0)
-    dxpd = dxp.to(dtype)
-    dwo, dbo = dxpd.t() @ o.view(rows, d), dxp.sum(0)
-    do = (dxpd @ wo).to(acc).view(bsz, la, d)
+    db1 = dhp.sum(0)  # in the input dtype (float32 accumulation on a GPU)
+    dxa.addmm_(dhp, w1[:, :d])
+    dxp.addmm_(dhp, w1[:, d:])
+    # the output projection: x' = o_ext [Wo | bo | 0]^T, so [dWo | dbo | .] = dx'^T o_ext; a row
+    # that saw no key has o = 0 and has_key = 0, so it adds nothing to dWo or dbo
+    dwo_ext = dxp.t() @ o.view(rows, d + _O_TAIL)
+    do = dxp @ wo
 
     kpm, am, stride_amb = _mask_args(key_padding_mask, attn_mask, q)
-    delta = torch.empty(bsz, n_heads, la, dtype=acc, device=dev)
-    dq = torch.empty(bsz, la, d, dtype=acc, device=dev)
-    dk = torch.empty(bsz, lb, d, dtype=acc, device=dev)
-    dv = torch.empty(bsz, lb, d, dtype=acc, device=dev)
     bm, bn, bdh, nw = _attn_blocks(la, lb, dh)
+    n_m, n_n = triton.cdiv(la, bm), triton.cdiv(lb, bn)
+    delta = torch.empty(bsz, n_heads, la, dtype=acc, device=dev)
+    dq = torch.empty(bsz, la, d, dtype=dtype, device=dev)
+    dkv = torch.empty(bsz, lb, 2 * d, dtype=dtype, device=dev)
+    dbq_part = torch.empty(bsz * n_m, d, dtype=acc, device=dev)
+    dbkv_part = torch.empty(bsz * n_n, 2 * d, dtype=acc, device=dev)
     common = dict(HAS_KPM=key_padding_mask is not None, HAS_AM=attn_mask is not None,
                   ACC=tl_acc(dtype), **_dot_operands(dtype), BLOCK_M=bm, BLOCK_N=bn,
                   BLOCK_DH=bdh, num_warps=nw)
-    _attn_bwd_dq_kernel[(bsz * n_heads, triton.cdiv(la, bm))](
-        q, k, v, do, lse, kpm, am, scal, delta, dq, la, lb, d, dh, n_heads, stride_amb, **common)
-    _attn_bwd_dkdv_kernel[(bsz * n_heads, triton.cdiv(lb, bn))](
-        q, k, v, do, lse, delta, kpm, am, scal, dk, dv, la, lb, d, dh, n_heads, stride_amb, **common)
+    k, v = kv, kv[..., d:]
+    _attn_bwd_dq_kernel[(bsz * n_heads, n_m)](
+        q, k, v, do, lse, kpm, am, scal, delta, dq, dbq_part, la, lb, d, dh, n_heads,
+        stride_amb, 2 * d, **common)
+    _attn_bwd_dkdv_kernel[(bsz * n_heads, n_n)](
+        q, k, v, do, lse, delta, kpm, am, scal, dkv, dkv[..., d:], dbkv_part, la, lb, d, dh,
+        n_heads, stride_amb, 2 * d, **common)
 
-    # the projections' weight gradients and the inputs' gradients
-    dq2, dk2, dv2 = dq.view(rows, d), dk.view(bsz * lb, d), dv.view(bsz * lb, d)
-    dqd, dkd, dvd = dq2.to(dtype), dk2.to(dtype), dv2.to(dtype)
-    dx_a = dxa + dqd @ wq
-    dx_b = (dkd @ wk).to(acc) + dvd @ wv
+    # the input projections: dx_a accumulates in place, k | v go back as one product
+    dq2, dkv2 = dq.view(rows, d), dkv.view(bsz * lb, 2 * d)
+    dx_a = dxa.addmm_(dq2, wq)
+    dx_b = dkv2 @ torch.cat([wk, wv])
+    dwkv = dkv2.t() @ xb2
+    dbkv = dbkv_part.sum(0, dtype=dtype)
     grads = [
         dx_a.view(bsz, la, d), dx_b.view(bsz, lb, d),
-        dqd.t() @ xa2, dq2.sum(0), dkd.t() @ xb2, dk2.sum(0), dvd.t() @ xb2, dv2.sum(0),
-        dwo, dbo, dw1, db1, dw2, db2,
+        dq2.t() @ xa2, dbq_part.sum(0, dtype=dtype),
+        # a custom op's outputs may not alias each other: the second halves are copied
+        dwkv[:d], dbkv[:d], dwkv[d:].clone(), dbkv[d:].clone(),
+        dwo_ext[:, :d].contiguous(), dwo_ext[:, d].contiguous(), dw1, db1, dw2,
+        db2_part.sum(0, dtype=dtype),
     ]
     if has_ln:
-        grads += [dlnw_part.sum(0), dlnb_part.sum(0)]
+        grads += [dlnw_part.sum(0, dtype=dtype), dlnb_part.sum(0, dtype=dtype)]
     else:
-        grads += [torch.empty(0, dtype=acc, device=dev), torch.empty(0, dtype=acc, device=dev)]
-    return [t.to(dtype) for t in grads]
+        grads += [torch.empty(0, dtype=dtype, device=dev), torch.empty(0, dtype=dtype, device=dev)]
+    return grads
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -627,10 +675,11 @@ def triton_gca_fwd(
     bv: Tensor, wo: Tensor, bo: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     ln_w: Optional[Tensor], ln_b: Optional[Tensor], key_padding_mask: Optional[Tensor],
     attn_mask: Optional[Tensor], n_heads: int, activation: str, ln_eps: float,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-           Tensor, Tensor]:
-    return gca_forward(x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b,
-                       key_padding_mask, attn_mask, n_heads, activation, ln_eps)
+) -> List[Tensor]:
+    """[y, cos, *Saved]."""
+    y, cos, saved = gca_forward(x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w,
+                                ln_b, key_padding_mask, attn_mask, n_heads, activation, ln_eps)
+    return [y, cos, *saved]
 
 
 @triton_gca_fwd.register_fake
@@ -641,49 +690,49 @@ def _(x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b,
     acc = acc_dtype(x_a.dtype)
     new = x_a.new_empty
     rows = bsz * la
-    return (new(bsz, la, d), new(bsz, la), new(bsz, la, d), new(bsz, lb, d), new(bsz, lb, d),
-            new(bsz, la, d), new(bsz, n_heads, la, dtype=acc), new(rows, dtype=acc),
-            new(rows, dtype=acc), new(rows, d), new(rows, w1.shape[0]), new(rows, d))
+    saved = Saved(new(bsz, la, d), new(bsz, lb, 2 * d), new(bsz, la, d + _O_TAIL),
+                  new(bsz, n_heads, la, dtype=acc), new(rows, dtype=acc), new(rows, dtype=acc),
+                  new(rows, d), new(rows, w1.shape[0]), new(rows, d))
+    return [new(bsz, la, d), new(bsz, la), *saved]
 
 
 @torch.library.custom_op("gca_kernels::triton_gca_bwd", mutates_args=())
 def triton_gca_bwd(
     dy: Tensor, dcos: Tensor, x_a: Tensor, x_b: Tensor, wq: Tensor, wk: Tensor, wv: Tensor,
-    wo: Tensor, bo: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
-    ln_w: Optional[Tensor], key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
-    q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, mean: Tensor, rstd: Tensor,
-    xp: Tensor, h: Tensor, g: Tensor, n_heads: int, activation: str, ln_eps: float,
+    wo: Tensor, w1: Tensor, w2: Tensor, ln_w: Optional[Tensor],
+    key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], saved: List[Tensor],
+    n_heads: int, activation: str, ln_eps: float,
 ) -> List[Tensor]:
-    return gca_backward(dy, dcos, x_a, x_b, wq, wk, wv, wo, bo, w1, b1, w2, b2, ln_w,
-                        key_padding_mask, attn_mask, q, k, v, o, lse, mean, rstd, xp, h, g,
-                        n_heads, activation, ln_eps)
+    return gca_backward(dy, dcos, x_a, x_b, wq, wk, wv, wo, w1, w2, ln_w, key_padding_mask,
+                        attn_mask, Saved(*saved), n_heads, activation, ln_eps)
 
 
 @triton_gca_bwd.register_fake
-def _(dy, dcos, x_a, x_b, wq, wk, wv, wo, bo, w1, b1, w2, b2, ln_w, key_padding_mask,
-      attn_mask, q, k, v, o, lse, mean, rstd, xp, h, g, n_heads, activation, ln_eps):
+def _(dy, dcos, x_a, x_b, wq, wk, wv, wo, w1, w2, ln_w, key_padding_mask, attn_mask, saved,
+      n_heads, activation, ln_eps):
     d = x_a.shape[-1]
     ln = (d,) if ln_w is not None else (0,)
     shapes = [x_a.shape, x_b.shape, wq.shape, (d,), wk.shape, (d,), wv.shape, (d,), wo.shape,
-              (d,), w1.shape, b1.shape, w2.shape, b2.shape, ln, ln]
+              (d,), w1.shape, (w1.shape[0],), w2.shape, (d,), ln, ln]
     return [x_a.new_empty(s) for s in shapes]
 
 
 def _gca_setup_context(ctx, inputs, output):
     (x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b,
      key_padding_mask, attn_mask, n_heads, activation, ln_eps) = inputs
-    y, cos, q, k, v, o, lse, mean, rstd, xp, h, g = output
-    ctx.mark_non_differentiable(q, k, v, o, lse, mean, rstd, xp, h, g)
-    ctx.save_for_backward(x_a, x_b, wq, wk, wv, wo, bo, w1, b1, w2, b2, ln_w,
-                          key_padding_mask, attn_mask, q, k, v, o, lse, mean, rstd, xp, h, g)
+    saved = output[2:]
+    ctx.mark_non_differentiable(*saved)
+    ctx.save_for_backward(x_a, x_b, wq, wk, wv, wo, w1, w2, ln_w, key_padding_mask, attn_mask,
+                          *saved)
     ctx.n_heads, ctx.activation, ctx.ln_eps = n_heads, activation, ln_eps
     ctx.has_ln = ln_w is not None
 
 
-def _gca_backward(ctx, dy, dcos, *_unused):
-    saved = ctx.saved_tensors
-    dy, dcos = output_grads(saved[0], dy, dcos)
-    g = triton_gca_bwd(dy, dcos, *saved, ctx.n_heads, ctx.activation, ctx.ln_eps)
+def _gca_backward(ctx, grads):
+    x_a, x_b, wq, wk, wv, wo, w1, w2, ln_w, kpm, am, *saved = ctx.saved_tensors
+    dy, dcos = output_grads(x_a, grads[0], grads[1])
+    g = triton_gca_bwd(dy, dcos, x_a, x_b, wq, wk, wv, wo, w1, w2, ln_w, kpm, am, saved,
+                       ctx.n_heads, ctx.activation, ctx.ln_eps)
     dln_w, dln_b = (g[14], g[15]) if ctx.has_ln else (None, None)
     return (*g[:14], dln_w, dln_b, None, None, None, None, None)
 

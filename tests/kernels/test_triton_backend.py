@@ -113,12 +113,13 @@ def test_attention_kernel_o_and_logsumexp():
         out = torch.ops.gca_kernels.triton_gca_fwd(
             p["x_a"], p["x_b"], *P[:12], P.ln_w, P.ln_b, p["key_padding_mask"], p["attn_mask"],
             4, "sigmoid", 1e-5)
-    q, k, v, o, lse = out[2:7]
+    q, kv, o_ext, lse = out[2:6]
     B, La, d = q.shape
     H, dh = 4, 12
+    o = o_ext[..., :d]
     qh = q.view(B, La, H, dh).transpose(1, 2)
-    kh = k.view(B, -1, H, dh).transpose(1, 2)
-    vh = v.view(B, -1, H, dh).transpose(1, 2)
+    kh = kv[..., :d].reshape(B, -1, H, dh).transpose(1, 2)
+    vh = kv[..., d:].reshape(B, -1, H, dh).transpose(1, 2)
     s = qh @ kh.transpose(-1, -2) / math.sqrt(dh)
     vis = ~p["key_padding_mask"][:, None, None, :] & ~p["attn_mask"][:, None]
     s = s.masked_fill(~vis, float("-inf"))
@@ -129,6 +130,9 @@ def test_attention_kernel_o_and_logsumexp():
     assert torch.isinf(lse[~has]).all() and (lse[~has] > 0).all()
     torch.testing.assert_close(lse[has], want_lse[has], rtol=1e-12, atol=1e-12)
     assert not has.all() and has.any()  # the case does contain both kinds of rows
+    # o's tail [has_key, 0, ...] carries the output projection's bias to rows that saw a key
+    assert torch.equal(o_ext[..., d], has[:, 0].to(o_ext.dtype))
+    assert torch.count_nonzero(o_ext[..., d + 1:]) == 0
 
 
 @pytest.mark.parametrize("use_y,use_cos", [(True, False), (False, True)])
@@ -156,11 +160,11 @@ def test_opcheck_custom_ops():
     nolns = (*args[:14], None, None, p["key_padding_mask"], None, 2, "sigmoid", 1e-5)
     torch.library.opcheck(torch.ops.gca_kernels.triton_gca_fwd.default, nolns)
     with torch.no_grad():
-        y, cos, q, k, v, o, lse, mean, rstd, xp, h, g = torch.ops.gca_kernels.triton_gca_fwd(*args)
+        y, cos, *saved = torch.ops.gca_kernels.triton_gca_fwd(*args)
     det = [t.detach() if isinstance(t, torch.Tensor) else t for t in args]
     x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b, kpm, am = det[:18]
-    bwd_args = (torch.randn_like(y), torch.randn_like(cos), x_a, x_b, wq, wk, wv, wo, bo, w1, b1,
-                w2, b2, ln_w, kpm, am, q, k, v, o, lse, mean, rstd, xp, h, g, 2, "tanh", 1e-5)
+    bwd_args = (torch.randn_like(y), torch.randn_like(cos), x_a, x_b, wq, wk, wv, wo, w1, w2,
+                ln_w, kpm, am, saved, 2, "tanh", 1e-5)
     torch.library.opcheck(torch.ops.gca_kernels.triton_gca_bwd.default, bwd_args)
 
     x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
