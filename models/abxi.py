@@ -35,12 +35,12 @@ from torch import Tensor, nn
 
 from models.base import Recommender
 from models.scaling import ScalableMixin, scaled_config
-from models.gca_block import GCAHost, build_gca, next_time_horizon, time_masks, timeline_masks
+from models.gca_block import build_gca, next_time_horizon, time_masks, timeline_masks
 from models.layers import (LoRA, SelfAttention, SwiGLU, causal_valid_mask,
                            negatives_per_position, on_rows, per_user_pool)
 
 
-class ABXI(GCAHost, ScalableMixin, Recommender):
+class ABXI(ScalableMixin, Recommender):
     name = "abxi"
     gca_slots = (0, 1, 2)
     # The width `--scale-to-match` grows (models/scaling.py).

@@ -13,6 +13,8 @@ from typing import Any, Dict, Tuple
 import torch
 from torch import Tensor, nn
 
+from models.gca_block import GCALayers
+
 GCA_ACTIVATIONS = ("sigmoid", "tanh")
 
 
@@ -33,6 +35,9 @@ class Recommender(nn.Module):
             "gca_layer_norm": True,
             "gca_heads": 1,
             "gca_backend": "auto",
+            # weight L of the alignment regulariser: training minimises loss + L * mean
+            # |cos(X, X')| over the GCA modules' probe rows (models/gca_block.py)
+            "align_reg": 0.0,
         }
 
     def __init__(self, n_items_a: int, n_items_b: int, config: Dict[str, Any] | None = None):
@@ -42,7 +47,6 @@ class Recommender(nn.Module):
                 raise ValueError(f"{arg} must be a positive int, got {v!r}")
         self.n_items_a, self.n_items_b = n_items_a, n_items_b
         self.config = self.resolve_config(config or {})
-        self._align_sums: Dict[str, list] = {}
 
     @classmethod
     def resolve_config(cls, config: Dict[str, Any]) -> Dict[str, Any]:
@@ -65,6 +69,12 @@ class Recommender(nn.Module):
                 raise ValueError(f"{key} must be a positive int, got {cfg[key]!r}")
         if cfg["hidden"] % cfg["gca_heads"]:
             raise ValueError(f"gca_heads ({cfg['gca_heads']}) must divide hidden ({cfg['hidden']})")
+        reg = cfg["align_reg"]
+        if isinstance(reg, bool) or not isinstance(reg, (int, float)) or reg != reg or abs(reg) == float("inf"):
+            raise ValueError(f"align_reg must be a finite number, got {reg!r}")
+        cfg["align_reg"] = float(reg)
+        if reg and not positions:
+            raise ValueError(f"align_reg={reg:g} regularises the GCA modules, but gca_positions is empty")
         return cfg
 
     # ---- what subclasses implement ----------------------------------------------------
@@ -78,41 +88,52 @@ class Recommender(nn.Module):
     def score(self, batch: Dict[str, Tensor], candidates: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, batch: Dict[str, Tensor]):
-        # Training goes through forward so DistributedDataParallel's hooks see the call.
-        return self.loss(batch)
+    def forward(self, batch: Dict[str, Tensor]) -> Tuple[Tensor, Dict[str, float]]:
+        """The training objective: `loss` + align_reg x the GCA modules' mean |cos(X, X')|
+        (in training mode with a non-zero `align_reg`; `loss` alone otherwise). Training goes
+        through forward so DistributedDataParallel's hooks see the call."""
+        gca = self._gca_layers()
+        if not (self.training and gca is not None and gca.align_reg):
+            return self.loss(batch)
+        gca.begin_penalty()
+        try:
+            loss, logs = self.loss(batch)
+        finally:
+            term = gca.end_penalty()
+        if term is None:
+            return loss, logs
+        logs = {**logs, "align_cos": float(term.detach())}
+        return loss + gca.align_reg * term.to(loss.dtype), logs
 
-    # ---- alignment probe ----------------------------------------------------------------
+    # ---- GCA modules and the alignment probe ------------------------------------------------
+    def _gca_layers(self) -> GCALayers | None:
+        """The backbone's GCA modules (`self.gca`, built by `gca_block.build_gca`)."""
+        gca = self._modules.get("gca")
+        return gca if isinstance(gca, GCALayers) else None
+
+    def set_probe_in_training(self, on: bool) -> None:
+        gca = self._gca_layers()
+        if gca is not None:
+            gca.set_probe_in_training(on)
+
     def reset_alignment(self) -> None:
-        self._align_sums = {}
-
-    def record_alignment(self, module: str, cos_x_xprime: Tensor, cos_x_y: Tensor, weight: int) -> None:
-        """Accumulate batch means (0-dim tensors) weighted by the batch's valid row count."""
-        if weight <= 0:
-            return
-        s = self._align_sums.setdefault(module, [0.0, 0.0, 0])
-        s[0] += float(cos_x_xprime.detach()) * weight
-        s[1] += float(cos_x_y.detach()) * weight
-        s[2] += weight
+        gca = self._gca_layers()
+        if gca is not None:
+            gca.reset_alignment()
 
     def alignment_counts(self) -> Dict[str, list]:
-        """Raw sums (for combining across processes)."""
-        return {k: list(v) for k, v in self._align_sums.items()}
+        """Raw sums per module (for combining across processes): [sum_xx', sum_xy, rows]."""
+        gca = self._gca_layers()
+        return {} if gca is None else gca.alignment_counts()
 
     def alignment_stats(self) -> Dict[str, Dict[str, float]]:
-        return {k: {"cos_x_xprime": s[0] / s[2], "cos_x_y": s[1] / s[2]}
-                for k, s in sorted(self._align_sums.items()) if s[2] > 0}
+        """{module: {"cos_x_xprime", "cos_x_y"}} since the last `reset_alignment`."""
+        gca = self._gca_layers()
+        return {} if gca is None else gca.alignment_stats()
 
 
 def n_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def causal_cross_mask(time_q: Tensor, time_k: Tensor) -> Tensor:
-    """(B, Lq, Lk) bool, True = blocked: a query at merged column t may see only keys whose
-    merged column is strictly before t (padding keys, time -1, are blocked too)."""
-    visible = (time_k[:, None, :] >= 0) & (time_k[:, None, :] < time_q[:, :, None])
-    return ~visible
 
 
 def right_positions(seq: Tensor) -> Tensor:

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import Recommender
+from models.base import Recommender, gather_rows
 from models.scaling import ScalableMixin, scaled_config
-from models.gca_block import GCAHost, build_gca, time_masks
+from models.gca_block import build_gca, time_masks
 from models.layers import PreNormBlock, causal_valid_mask, negatives_per_position, per_user_pool, time_positions
 
 
@@ -75,7 +75,7 @@ def gaussian_kl(q: Tuple[Tensor, Tensor], p: Tuple[Tensor, Tensor]) -> Tensor:
     return (lp - lq + (torch.exp(2 * lq) + (mq - mp) ** 2) / (2 * torch.exp(2 * lp)) - 0.5).sum(-1)
 
 
-class CDSRNP(GCAHost, ScalableMixin, Recommender):
+class CDSRNP(ScalableMixin, Recommender):
     name = "cdsrnp"
     gca_slots = (0, 1)
     scale_key = "ffn_inner"
@@ -140,11 +140,6 @@ class CDSRNP(GCAHost, ScalableMixin, Recommender):
             h["a"], h["b"] = self.gca["gca1"](h["a"], h["b"], valid["a"], valid["b"], masks)
         return h["a"], h["b"]
 
-    @staticmethod
-    def _gather(h: Tensor, index: Tensor) -> Tensor:
-        out = torch.gather(h, 1, index.clamp(min=0).unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-        return out * (index >= 0).unsqueeze(-1).to(h.dtype)
-
     def _adapt(self, s: str, own: Tensor, other: Tensor) -> Tensor:
         g = torch.sigmoid(self.gate[s](torch.cat([own, other], dim=-1)))
         return own + g * self.transfer[s](other)
@@ -153,7 +148,7 @@ class CDSRNP(GCAHost, ScalableMixin, Recommender):
         """Interest-adapted user state per target domain at every merged column: {"a", "b"}
         -> (B, L, d)."""
         h_a, h_b = self.encode(batch)
-        st_a, st_b = self._gather(h_a, batch["last_a"]), self._gather(h_b, batch["last_b"])
+        st_a, st_b = gather_rows(h_a, batch["last_a"]), gather_rows(h_b, batch["last_b"])
         return {"a": self._adapt("a", st_a, st_b), "b": self._adapt("b", st_b, st_a)}
 
     def _next_items(self, batch: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:

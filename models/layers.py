@@ -1,4 +1,4 @@
-"""Building blocks shared by the ABXI, LLM4CDSR and CDSRNP backbones.
+"""Building blocks shared by the backbones.
 
 Self-attention goes through `torch.nn.functional.scaled_dot_product_attention` (fused on CPU
 and GPU). Every sequence is left-padded or gapped (padding anywhere); masks are built from a
@@ -123,6 +123,24 @@ class PreNormBlock(nn.Module):
     def forward(self, x: Tensor, valid: Tensor, allowed: Tensor) -> Tensor:
         x = x + self.drop(self.attn(self.ln1(x), allowed))
         x = x + self.ff(self.ln2(x))
+        return x * valid.unsqueeze(-1).to(x.dtype)
+
+
+class PostNormBlock(nn.Module):
+    """Post-norm transformer block: LN(x + Attn(x)), then LN(x + FF(x)) with a GELU
+    feed-forward; causal, padding-aware; padding rows come out zero."""
+
+    def __init__(self, d: int, n_heads: int, inner: int, dropout: float):
+        super().__init__()
+        self.attn = SelfAttention(d, n_heads, dropout, out_dropout=dropout)
+        self.ln1 = nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, inner), nn.GELU(), nn.Dropout(dropout), nn.Linear(inner, d))
+        self.ln2 = nn.LayerNorm(d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, valid: Tensor) -> Tensor:
+        x = self.ln1(x + self.attn(x, causal_valid_mask(valid)))
+        x = self.ln2(x + self.drop(self.ff(x)))
         return x * valid.unsqueeze(-1).to(x.dtype)
 
 

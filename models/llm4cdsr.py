@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import Recommender
+from models.base import Recommender, gather_rows
 from models.embeddings import cooccurrence_embeddings, load_item_matrix
 from models.scaling import ScalableMixin, scaled_config
-from models.gca_block import GCAHost, build_gca, time_masks
+from models.gca_block import build_gca, time_masks
 from models.layers import PreNormBlock, causal_valid_mask, time_positions
 
 
@@ -72,7 +72,7 @@ class SASRecEncoder(nn.Module):
         return self.final(x) * valid.unsqueeze(-1).to(x.dtype)
 
 
-class LLM4CDSR(GCAHost, ScalableMixin, Recommender):
+class LLM4CDSR(ScalableMixin, Recommender):
     name = "llm4cdsr"
     gca_slots = (0, 1, 2)
     scale_key = "ffn_inner"
@@ -218,16 +218,11 @@ class LLM4CDSR(GCAHost, ScalableMixin, Recommender):
             h_a, h_b = self.gca["gca2"](h_a, h_b, va, vb, masks)
         return h_m, h_a, h_b
 
-    @staticmethod
-    def _gather(h: Tensor, index: Tensor) -> Tensor:
-        out = torch.gather(h, 1, index.clamp(min=0).unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-        return out * (index >= 0).unsqueeze(-1).to(h.dtype)
-
     def _scores(self, states: Tuple[Tensor, Tensor, Tensor], batch: Dict[str, Tensor], items: Tensor) -> Tensor:
         """Scores (B, L, K) of items (B, L, K) at every merged column, each item scored in its
         own domain (mixed thread + that domain's thread at its latest item <= the column)."""
         h_m, h_a, h_b = states
-        st_a, st_b = self._gather(h_a, batch["last_a"]), self._gather(h_b, batch["last_b"])
+        st_a, st_b = gather_rows(h_a, batch["last_a"]), gather_rows(h_b, batch["last_b"])
         is_b = items > self.n_items_a
         mixed = torch.einsum("bld,blkd->blk", h_m, self.adapt(items))
         dom_a = torch.einsum("bld,blkd->blk", st_a, self.emb_a[torch.where(is_b, 0, items)])

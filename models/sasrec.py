@@ -1,15 +1,17 @@
 """A small cross-domain SASRec: the pipeline's end-to-end test model and the simplest of the
 four backbones.
 
-Three one-block causal transformers share one item embedding: one over the merged sequence,
-one over the compacted A-only history, one over the compacted B-only history. A user's state
-for a domain-d target is merged_state(t) + d_state(latest d item at or before t); scores are
-dot products with the item embedding; the loss is a sampled softmax per domain (L_A + L_B).
+Three one-block post-norm causal transformers (`layers.PostNormBlock`) share one item
+embedding: one over the merged sequence, one over the compacted A-only history, one over the
+compacted B-only history. A user's state for a domain-d target is merged_state(t) +
+d_state(latest d item at or before t); scores are dot products with the item embedding; the
+loss is a sampled softmax per domain (L_A + L_B).
 
-GCA slots: GCA[0] right after the embeddings of the compacted A and B streams (A attends to
-B and B to A, in parallel, from the pre-GCA values); GCA[1] after the domain encoders, before
-scoring. The cross mask comes from the merged timeline: an A position sees only the B items
-that came strictly before it (and vice versa).
+GCA slots (`gca_block.GCAPair`): GCA[0] right after the embeddings of the compacted A and B
+streams (A attends to B and B to A, in parallel, from the pre-GCA values); GCA[1] after the
+domain encoders, before scoring. The cross mask comes from the merged timeline
+(`gca_block.time_masks`): an A position sees only the B items that came strictly before it
+(and vice versa).
 """
 
 from __future__ import annotations
@@ -17,41 +19,12 @@ from __future__ import annotations
 from typing import Any, Dict, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gca_kernels import FusedGCA, cosine_alignment
-from models.base import Recommender, causal_cross_mask, gather_rows, right_positions, sampled_softmax
+from models.base import Recommender, gather_rows, right_positions, sampled_softmax
+from models.gca_block import build_gca, time_masks
+from models.layers import PostNormBlock
 from models.scaling import ScalableMixin, scaled_config
-
-
-class CausalBlock(nn.Module):
-    """Post-norm self-attention + feed-forward block with a causal, padding-aware mask."""
-
-    def __init__(self, d: int, n_heads: int, inner: int, dropout: float):
-        super().__init__()
-        if d % n_heads:
-            raise ValueError(f"n_heads ({n_heads}) must divide hidden ({d})")
-        self.h = n_heads
-        self.qkv = nn.Linear(d, 3 * d)
-        self.out = nn.Linear(d, d)
-        self.ln1 = nn.LayerNorm(d)
-        self.ff = nn.Sequential(nn.Linear(d, inner), nn.GELU(), nn.Dropout(dropout), nn.Linear(inner, d))
-        self.ln2 = nn.LayerNorm(d)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, valid: Tensor) -> Tensor:
-        b, length, d = x.shape
-        q, k, v = self.qkv(x).view(b, length, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
-        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-        # Keys: real items at or before the query; the diagonal stays open so left-padding
-        # rows (which see no real key) never produce NaN; they are zeroed below anyway.
-        allowed = (causal & valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=x.device)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None],
-                                             dropout_p=self.drop.p if self.training else 0.0)
-        x = self.ln1(x + self.drop(self.out(att.transpose(1, 2).reshape(b, length, d))))
-        x = self.ln2(x + self.drop(self.ff(x)))
-        return x * valid.unsqueeze(-1).to(x.dtype)
 
 
 class SASRec(ScalableMixin, Recommender):
@@ -79,14 +52,9 @@ class SASRec(ScalableMixin, Recommender):
             self.item_emb.weight[0].zero_()
             self.pos_emb.weight[0].zero_()
         self.emb_drop = nn.Dropout(c["dropout"])
-        self.encoders = nn.ModuleDict({s: CausalBlock(d, c["n_heads"], c["ffn_inner"], c["dropout"])
+        self.encoders = nn.ModuleDict({s: PostNormBlock(d, c["n_heads"], c["ffn_inner"], c["dropout"])
                                        for s in ("m", "a", "b")})
-        self.gca = nn.ModuleDict()
-        for p in c["gca_positions"]:
-            for direction in ("ab", "ba"):
-                self.gca[f"gca{p}_{direction}"] = FusedGCA(
-                    d, n_heads=c["gca_heads"], activation=c["gca_activation"],
-                    layer_norm=c["gca_layer_norm"], backend=c["gca_backend"])
+        self.gca = build_gca(c["gca_positions"], d, c)
         self._record_counts(n_target)
 
     @property
@@ -98,43 +66,19 @@ class SASRec(ScalableMixin, Recommender):
         x = self.item_emb(seq) + self.pos_emb(right_positions(seq))
         return self.emb_drop(x) * (seq > 0).unsqueeze(-1).to(x.dtype)
 
-    def _cross(self, slot: int, x_a: Tensor, x_b: Tensor, batch: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
-        """GCA[slot]: both directions from the pre-GCA values (parallel, not sequential)."""
-        valid_a, valid_b = batch["seq_a"] > 0, batch["seq_b"] > 0
-        mask_ab = causal_cross_mask(batch["time_a"], batch["time_b"])
-        mask_ba = causal_cross_mask(batch["time_b"], batch["time_a"])
-        probe = not self.training
-        outs = []
-        for direction, xq, xk, kpm, mask, vq, vk in (("ab", x_a, x_b, ~valid_b, mask_ab, valid_a, valid_b),
-                                                     ("ba", x_b, x_a, ~valid_a, mask_ba, valid_b, valid_a)):
-            name = f"gca{slot}_{direction}"
-            res = self.gca[name](xq, xk, key_padding_mask=kpm, attn_mask=mask, need_alignment=probe)
-            if probe:
-                y, cos = res
-                # Rows with no visible key have x' = 0 exactly: no direction to measure.
-                rows = vq & (~mask & ~kpm[:, None, :]).any(-1)
-                n_rows = int(rows.sum())
-                if n_rows:
-                    cos_xp = (cos.abs() * rows).sum() / n_rows
-                    # X vs Y pairs the k-th most recent query with the k-th most recent key.
-                    both = vq & vk
-                    cos_xy = cosine_alignment(xq, xk, mask=both)
-                    self.record_alignment(name, cos_xp, cos_xy, n_rows)
-            else:
-                y = res
-            outs.append(y * vq.unsqueeze(-1).to(y.dtype))
-        return outs[0], outs[1]
-
     def encode(self, batch: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
         seq, seq_a, seq_b = batch["seq"], batch["seq_a"], batch["seq_b"]
+        valid_a, valid_b = seq_a > 0, seq_b > 0
+        positions = self.config["gca_positions"]
+        masks = time_masks(batch["time_a"], batch["time_b"]) if positions else None
         h_m = self.encoders["m"](self._embed(seq), seq > 0)
         x_a, x_b = self._embed(seq_a), self._embed(seq_b)
-        if 0 in self.config["gca_positions"]:
-            x_a, x_b = self._cross(0, x_a, x_b, batch)
-        h_a = self.encoders["a"](x_a, seq_a > 0)
-        h_b = self.encoders["b"](x_b, seq_b > 0)
-        if 1 in self.config["gca_positions"]:
-            h_a, h_b = self._cross(1, h_a, h_b, batch)
+        if 0 in positions:
+            x_a, x_b = self.gca["gca0"](x_a, x_b, valid_a, valid_b, masks)
+        h_a = self.encoders["a"](x_a, valid_a)
+        h_b = self.encoders["b"](x_b, valid_b)
+        if 1 in positions:
+            h_a, h_b = self.gca["gca1"](h_a, h_b, valid_a, valid_b, masks)
         return h_m, h_a, h_b
 
     # ---- training and scoring --------------------------------------------------------------

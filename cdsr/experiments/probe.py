@@ -2,7 +2,7 @@
 
 Why a subclass: the pipeline's `Trainer` probes alignment on the test set only, but the
 alignment experiment asks how `|cos(X, X')|` moves over training. The model's GCA modules
-already accumulate the probe whenever the model is evaluated (`record_alignment`), and the
+already accumulate the probe whenever the model is evaluated (`models/gca_block.py`), and the
 trainer validates once per epoch; so resetting the accumulators right before that validation
 and reading them right after it (the trainer saves its checkpoint just then) yields the
 epoch's validation probe at no extra cost. The entry goes into `history`, hence into the
@@ -10,14 +10,16 @@ checkpoint (a resumed run keeps it) and into `results.json`.
 
 With `track_valid=True` the epoch's per-domain validation metrics are stored as well (one
 extra, deterministic validation pass: the trainer keeps only the selection score per epoch).
-With `align_reg=L` (non-zero) training minimises loss + L * |cos(X, X')| (`align_reg.py`).
+`align_reg=L` (non-zero) sets the weight of the models' own alignment regulariser (training
+minimises loss + L * mean |cos(X, X')|, `models/gca_block.py`) without writing it into the
+run's config; a run whose config already sets `align_reg` is refused, so the weight is never
+given twice.
 """
 
 from __future__ import annotations
 
 from typing import Any, Dict
 
-from cdsr.experiments.align_reg import RegularisedModel
 from cdsr.trainer import Trainer, evaluate, gathered_alignment
 
 
@@ -30,11 +32,13 @@ class ProbedTrainer(Trainer):
         self.track_valid = bool(track_valid)
         self.align_reg = float(align_reg)
         if self.align_reg:
-            if self.ctx.enabled:
-                raise ValueError("align_reg is not supported in a distributed run")
-            # The trainer calls train_model for the loss and steps the optimiser over
-            # self.model's parameters: the wrapper only adds the term.
-            self.train_model = RegularisedModel(self.model, self.align_reg)
+            if self.model.config["align_reg"]:
+                raise ValueError(f"align_reg given twice: {self.align_reg:g} by the experiment and "
+                                 f"{self.model.config['align_reg']:g} in the run config")
+            if not self.model.config["gca_positions"]:
+                raise ValueError(f"align_reg={self.align_reg:g} regularises the GCA modules, "
+                                 f"but gca_positions is empty")
+            self.model.gca.align_reg = self.align_reg
 
     def train_epoch(self, epoch: int) -> Dict[str, float]:
         logs = super().train_epoch(epoch)

@@ -1,5 +1,6 @@
-"""Each backbone, with GCA at every position, gives the same loss and gradients whichever
-`gca_backend` runs the operator, at 2 threads, on two kinds of batch:
+"""Each backbone, with GCA at every position, gives the same training objective (its loss + the
+alignment regulariser) and gradients, the same evaluation scores and the same alignment probe
+whichever `gca_backend` runs the operator, at 2 threads, on two kinds of batch:
 
 - "padded": short random histories in a 13-wide timeline (about half the keys padding, many
   keyless query rows): the C++ backend takes its row-compacted path;
@@ -18,7 +19,7 @@ import torch
 
 import gca_kernels
 import models
-from tests.models.helpers import N_A, N_B, random_timelines, train_batch
+from tests.models.helpers import N_A, N_B, eval_batch, random_timelines, train_batch
 
 if "cpp" not in gca_kernels.available_backends():
     from gca_kernels.backends import _LOAD_ERRORS
@@ -43,7 +44,7 @@ def _pair(name, tmp_path):
     built = {}
     for backend in ("eager", "cpp"):
         torch.manual_seed(0)
-        m = models.build_model(name, N_A, N_B, dict(cfg, gca_positions=positions, gca_backend=backend,
+        m = models.build_model(name, N_A, N_B, dict(cfg, gca_positions=positions, gca_backend=backend, align_reg=0.3,
                                                     **({"emb_cache_dir": str(tmp_path)} if name == "llm4cdsr" else {})))
         if hasattr(m, "prepare_data"):
             tl = random_timelines(12, 10, np.random.default_rng(0), min_len=5)
@@ -64,20 +65,30 @@ def test_loss_and_gradients_match_eager(name, kind, tmp_path):
     timelines = random_timelines(users, 13, rng, min_len=min_len)
     eager, cpp = _pair(name, tmp_path)
     batch = train_batch(timelines, eager.n_negatives, rng)
+    history = random_timelines(users, 13, rng, min_len=min_len)
+    ev = eval_batch(history, rng.integers(0, 2, users), 6, rng)
     results = []
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         for m in (eager, cpp):
             torch.manual_seed(1)  # same latent samples (CDSRNP) and negatives in both runs
-            loss, _ = m.loss(batch)
+            loss, logs = m(batch)
             loss.backward()
-            results.append((loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters()
-                                            if p.grad is not None}))
+            m.eval()
+            with torch.no_grad():
+                scores = m.score(ev, ev["candidates"])
+            results.append((loss.detach(), logs["align_cos"], scores, m.alignment_stats(),
+                            {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}))
     finally:
         torch.set_num_threads(before)
-    (loss_e, grads_e), (loss_c, grads_c) = results
+    (loss_e, cos_e, scores_e, probe_e, grads_e), (loss_c, cos_c, scores_c, probe_c, grads_c) = results
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    assert cos_c == pytest.approx(cos_e, rel=1e-5)
+    torch.testing.assert_close(scores_c, scores_e, rtol=1e-5, atol=1e-5)
+    assert probe_e.keys() == probe_c.keys() == {f"gca{p}_{d}" for p in SETUPS[name][1] for d in ("ab", "ba")}
+    for k, v in probe_e.items():
+        assert probe_c[k] == pytest.approx(v, rel=1e-5), k
     assert grads_e.keys() == grads_c.keys()
     for k, g in grads_e.items():
         torch.testing.assert_close(grads_c[k], g, rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")

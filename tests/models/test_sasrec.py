@@ -7,7 +7,8 @@ import torch
 import models
 from cdsr.batching import TrainSampler, build_eval_set
 from cdsr.synthetic import PRESETS, generate
-from models.base import causal_cross_mask, gather_rows
+from models.base import gather_rows
+from models.gca_block import before_mask
 
 CFG = {"hidden": 16, "max_len": 12, "ffn_inner": 32, "n_neg": 3, "dropout": 0.0, "gca_heads": 2}
 
@@ -39,7 +40,7 @@ def test_loss_backward_reaches_every_parameter(data, gca):
             assert p.grad.abs().max() <= 1e-4 * q_scale, name
             continue
         assert p.grad.abs().sum() > 0, name
-    assert len([k for k in m.gca]) == 2 * len(gca)
+    assert sorted(m.gca) == [f"gca{p}" for p in gca]
 
 
 def _states(m, b):
@@ -72,7 +73,7 @@ def test_causal_within_and_across_streams(data):
 def test_cross_mask_only_strictly_earlier_keys():
     time_q = torch.tensor([[-1, 2, 5]])
     time_k = torch.tensor([[-1, 1, 2, 4]])
-    blocked = causal_cross_mask(time_q, time_k)[0]
+    blocked = before_mask(time_q, time_k)[0]
     assert blocked.tolist() == [[True, True, True, True],
                                 [True, False, True, True],
                                 [True, False, False, False]]
