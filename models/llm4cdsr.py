@@ -1,14 +1,19 @@
 """LLM4CDSR (Liu et al., SIGIR 2025): LLM-enhanced cross-domain sequential recommendation, with
 GCA at positions 0, 1, 2.
 
-Re-implemented from the project's description (docs/paper-and-backbones.md):
+Re-implemented from the project's description (docs/paper-and-backbones.md) and read against
+the authors' code:
 - positions: learned per thread, counted back over merged columns from the window's latest
   column (`layers.time_positions`), so no position depends on later items;
 - mixed thread: a frozen global item table (1024-d) through a two-layer linear adapter
-  (1024 -> 512 -> hidden, no nonlinearity) plus positions, into a SASRec encoder (2 pre-norm
-  blocks, 1 head, point-wise feed-forward, dropout 0.5), causal;
-- domain threads: frozen hidden-d per-domain item tables plus positions, each into its own
-  SASRec over the compacted A-only / B-only history;
+  (1024 -> 512 -> hidden, no nonlinearity), times sqrt(global_dim), plus positions, into a
+  SASRec encoder (2 pre-norm blocks, 1 head, point-wise feed-forward, dropout 0.5), causal;
+- domain threads: frozen hidden-d per-domain item tables times sqrt(hidden), plus positions,
+  each into its own SASRec over the compacted A-only / B-only history;
+- the sqrt factors are the authors' (each thread's input scaled by the square root of its
+  item table's width: the global table's for the mixed thread, although the adapter has
+  already mapped it to `hidden`); `sqrt_scale=False` leaves the inputs unscaled. They scale
+  the sequence inputs only: candidates are scored against the unscaled tables;
 - score of a domain-A candidate at merged column t = <mixed state(t), adapted global(item)>
   + <A-thread state at the latest A item at or before t, frozen A(item)>; likewise B;
 - loss: BCE with one sampled negative per position, L_A + L_B, + alpha x InfoNCE aligning
@@ -16,19 +21,28 @@ Re-implemented from the project's description (docs/paper-and-backbones.md):
   negatives), + beta x InfoNCE between a user-profile embedding and the user's sequence
   representation (mixed state at the latest column).
 
+Where this differs from the authors' code, and why:
+- causal encoders: their SASRec's causal mask is commented out, so a position sees its own
+  target (a leak); here every encoder is causal;
+- coherent negative scoring: their loss adds the mixed thread's logit of the mixed
+  sequence's negative to the domain thread's logit of the domain sequence's negative, two
+  negatives the model receives as separate inputs, so a "negative score" need not belong to
+  one item; here the mixed state at merged column t and the domain state at the latest item
+  <= t score the same target and the same negative, as they do at evaluation;
+- the frozen tables and the user profile are substitutes (below).
+
 Substitutes (the original's inputs are LLM outputs that cannot be fetched here):
 - frozen item tables: a user's `.npy` files (`emb_global_npy`, `emb_a_npy`, `emb_b_npy`), or,
   when none is given, the co-occurrence SVD of the training interactions
-  (`models.embeddings.cooccurrence_embeddings`), built by `prepare_data(dataset)`;
+  (`models.embeddings.cooccurrence_embeddings`, unit-variance entries), built by
+  `prepare_data(dataset)`;
 - user profile: the original embeds an LLM-written profile text; here it is a trainable
   linear map of the mean frozen global embedding of the user's input history.
-The original's SASRec lets a position see its own target (its causal mask is commented
-out); this one is causal.
 
-GCA[0]: after embedding + positions of the A and B threads, before their encoders.
-GCA[1]: between the two SASRec blocks. GCA[2]: after the encoders, before scoring. The A and
-B threads are compacted: the cross mask comes from the merged timeline (an A item sees the B
-items strictly before it, and vice versa).
+GCA[0]: after the scaled embedding + positions of the A and B threads, before their
+encoders. GCA[1]: between the two SASRec blocks. GCA[2]: after the encoders, before scoring.
+The A and B threads are compacted: the cross mask comes from the merged timeline (an A item
+sees the B items strictly before it, and vice versa).
 """
 
 from __future__ import annotations
@@ -84,7 +98,9 @@ class LLM4CDSR(ScalableMixin, Recommender):
                     "ffn_inner": 128, "global_dim": 1024, "adapter_hidden": 512,
                     "alpha": 0.1, "beta": 0.1, "cl_temperature": 0.2, "init_std": 0.02,
                     "emb_global_npy": None, "emb_a_npy": None, "emb_b_npy": None,
-                    "emb_cache_dir": None, "emb_seed": 0, "scale_to_match": []})
+                    "emb_cache_dir": None, "emb_seed": 0, "scale_to_match": [],
+                    # thread inputs times sqrt(width of their item table), as the authors do
+                    "sqrt_scale": True})
         return cfg
 
     def __init__(self, n_items_a: int, n_items_b: int, config: Dict[str, Any] | None = None):
@@ -188,6 +204,10 @@ class LLM4CDSR(ScalableMixin, Recommender):
 
     # ---- encoders -------------------------------------------------------------------------------
     def _thread_input(self, s: str, x: Tensor, valid: Tensor, time: Tensor) -> Tensor:
+        """Thread s's encoder input: item embeddings x (B, L, hidden) times sqrt(width of s's
+        item table) when `sqrt_scale`, plus positions, dropout, zero on padding."""
+        if self.config["sqrt_scale"]:
+            x = x * (self.config["global_dim"] if s == "m" else self.config["hidden"]) ** 0.5
         pos = self.pos[s](time_positions(time, time.shape[1]))
         return self.drop(x + pos) * valid.unsqueeze(-1).to(x.dtype)
 

@@ -138,3 +138,29 @@ def test_folded_adapter_is_the_two_layer_adapter(tmp_path):
     m = _model([], tmp_path)
     ids = torch.tensor([[1, 5, N_A + 2], [0, 3, N_A + N_B]])
     torch.testing.assert_close(m.adapt(ids), m.adapter2(m.adapter1(m.glob[ids])), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sqrt_scale", [True, False])
+def test_thread_inputs_are_scaled_by_the_root_of_their_table_width(tmp_path, sqrt_scale):
+    """Encoder inputs: adapted global embedding x sqrt(global_dim) (mixed thread), frozen
+    domain embedding x sqrt(hidden) (domain threads), plus positions; zero on padding."""
+    torch.manual_seed(0)
+    m = _model([], tmp_path, sqrt_scale=sqrt_scale).eval()
+    rng = np.random.default_rng(4)
+    batch = train_batch(random_timelines(4, 9, rng), m.n_negatives, rng)
+    seen = {}
+    for s in "mab":
+        m.enc[s].blocks[0].register_forward_pre_hook(lambda mod, args, s=s: seen.__setitem__(s, args[0]))
+    m.loss(batch)
+    f_m, f_d = (24 ** 0.5, 16 ** 0.5) if sqrt_scale else (1.0, 1.0)
+    seq, length = batch["seq"], batch["seq"].shape[1]
+    cols = torch.arange(length).expand_as(seq)
+    pos_m = m.pos["m"](torch.where(seq > 0, length - cols, 0))
+    want_m = (m.adapt(seq) * f_m + pos_m) * (seq > 0).unsqueeze(-1)
+    torch.testing.assert_close(seen["m"], want_m)
+    ids_a, time_a = batch["seq_a"], batch["time_a"]
+    pos_a = m.pos["a"](torch.where(time_a >= 0, length - time_a, 0))
+    torch.testing.assert_close(seen["a"], (m.emb_a[ids_a] * f_d + pos_a) * (ids_a > 0).unsqueeze(-1))
+    ids_b = (batch["seq_b"] - N_A).clamp(min=0)
+    pos_b = m.pos["b"](torch.where(batch["time_b"] >= 0, length - batch["time_b"], 0))
+    torch.testing.assert_close(seen["b"], (m.emb_b[ids_b] * f_d + pos_b) * (batch["seq_b"] > 0).unsqueeze(-1))
