@@ -291,6 +291,7 @@ def _attn_bwd_dkdv_kernel(
     HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, ACC: tl.constexpr,
     OPD: tl.constexpr, HALF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr,
+    WANT_DK: tl.constexpr, WANT_DV: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -302,7 +303,9 @@ def _attn_bwd_dkdv_kernel(
     kv_mask = (offs_n < Lb)[:, None] & cmask[None, :]
     kv_offs = b * Lb * SKV + h * DH + offs_n[:, None] * SKV + offs_c[None, :]
     k = tl.load(K + kv_offs, mask=kv_mask, other=0.0).to(ACC)
-    v = tl.load(V + kv_offs, mask=kv_mask, other=0.0).to(ACC)
+    v = k  # read only for dk
+    if WANT_DK:
+        v = tl.load(V + kv_offs, mask=kv_mask, other=0.0).to(ACC)
     scale = tl.load(SCAL + 2)
     q_base = b * La * D + h * DH
     row_base = pid_bh.to(tl.int64) * La
@@ -321,16 +324,20 @@ def _attn_bwd_dkdv_kernel(
         s = _dot(q, tl.trans(k), None, OPD, HALF)
         vis = _visible(offs_m, offs_n, b, La, Lb, KPM, AM, stride_amb, HAS_KPM, HAS_AM)
         p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
-        dv = _dot(tl.trans(p), do, dv, OPD, HALF)
-        dp = _dot(do, tl.trans(v), None, OPD, HALF)
-        ds = p * (dp - delta[:, None])
-        # q already carries the 1/sqrt(dh) factor of ds/dk
-        dk = _dot(tl.trans(ds), q, dk, OPD, HALF)
-    tl.store(DK + kv_offs, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+        if WANT_DV:
+            dv = _dot(tl.trans(p), do, dv, OPD, HALF)
+        if WANT_DK:
+            dp = _dot(do, tl.trans(v), None, OPD, HALF)
+            ds = p * (dp - delta[:, None])
+            # q already carries the 1/sqrt(dh) factor of ds/dk
+            dk = _dot(tl.trans(ds), q, dk, OPD, HALF)
     part = (b * tl.num_programs(1) + pid_n) * 2 * D + h * DH + offs_c
-    tl.store(DBKV_PART + part, tl.sum(dk, axis=0), mask=cmask)
-    tl.store(DBKV_PART + part + D, tl.sum(dv, axis=0), mask=cmask)
+    if WANT_DK:
+        tl.store(DK + kv_offs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DBKV_PART + part, tl.sum(dk, axis=0), mask=cmask)
+    if WANT_DV:
+        tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+        tl.store(DBKV_PART + part + D, tl.sum(dv, axis=0), mask=cmask)
 
 
 # ----------------------------------------------------------------------------- row passes
@@ -459,16 +466,22 @@ def _p2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(n, 1)))
 
 
-def _attn_blocks(la: int, lb: int, dh: int) -> Tuple[int, int, int, int]:
+def _attn_blocks(la: int, lb: int, dh: int, half: bool) -> Tuple[int, int, int, int]:
+    """(query block, key block, head-dim block, warps) of the attention kernels."""
     block_dh = _p2(dh)
     if _interpreted():
         # the interpreter pays per program and per loop step, not per element
         cap = max(16, _INTERP_MAX_SEQ_BLOCK)
         return min(cap, _p2(la)), min(cap, _p2(lb)), block_dh, 4
-    # ieee float32 dots run on FMA units: 32 x 32 tiles with 8 warps kept ptxas (sm_90,
-    # dh = 32) at no spills in forward and a few bytes in backward; 64 x 64 spilled heavily
-    block = 32 if block_dh <= 64 else 16
-    return min(block, _p2(la)), min(block, _p2(lb)), block_dh, 8
+    # the largest tiles with no spills in any of the three kernels on sm_90 and sm_80
+    # (`python -m benchmarks.gpu_compile --check`, dh 16-128): tensor-core dots 64 x 32 up to
+    # dh 32, 32 x 32 above; exact float32 dots run on FMA units and hold more registers,
+    # 16 x 16 (and dk, dv in two launches from dh 64)
+    if half:
+        bm, bn, warps = (64, 32, 4) if block_dh <= 32 else (32, 32, 8)
+    else:
+        bm, bn, warps = 16, 16, (4 if block_dh <= 32 else 8)
+    return min(bm, _p2(la)), min(bn, _p2(lb)), block_dh, warps
 
 
 def _row_blocks(d: int) -> Tuple[int, int, int]:
@@ -478,6 +491,9 @@ def _row_blocks(d: int) -> Tuple[int, int, int]:
     if _interpreted():
         return block_r, block_d, 4
     return block_r, block_d, 8 if block_d >= 256 else 4
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _dot_operands(dtype: torch.dtype) -> dict:
@@ -549,7 +565,7 @@ def gca_forward(
 
     o = torch.empty(bsz, la, d + _O_TAIL, dtype=x_a.dtype, device=dev)
     lse = torch.empty(bsz, n_heads, la, dtype=acc, device=dev)
-    bm, bn, bdh, nw = _attn_blocks(la, lb, dh)
+    bm, bn, bdh, nw = _attn_blocks(la, lb, dh, x_a.dtype in _HALF)
     _attn_fwd_kernel[(bsz * n_heads, triton.cdiv(la, bm))](
         q, kv, kv[..., d:], kpm, am, scal, o, lse, la, lb, d, dh, n_heads, stride_amb, 2 * d,
         d + _O_TAIL, HAS_KPM=key_padding_mask is not None, HAS_AM=attn_mask is not None,
@@ -627,7 +643,7 @@ def gca_backward(
     do = dxp @ wo
 
     kpm, am, stride_amb = _mask_args(key_padding_mask, attn_mask, q)
-    bm, bn, bdh, nw = _attn_blocks(la, lb, dh)
+    bm, bn, bdh, nw = _attn_blocks(la, lb, dh, dtype in _HALF)
     n_m, n_n = triton.cdiv(la, bm), triton.cdiv(lb, bn)
     delta = torch.empty(bsz, n_heads, la, dtype=acc, device=dev)
     dq = torch.empty(bsz, la, d, dtype=dtype, device=dev)
@@ -641,9 +657,13 @@ def gca_backward(
     _attn_bwd_dq_kernel[(bsz * n_heads, n_m)](
         q, k, v, do, lse, kpm, am, scal, delta, dq, dbq_part, la, lb, d, dh, n_heads,
         stride_amb, 2 * d, **common)
-    _attn_bwd_dkdv_kernel[(bsz * n_heads, n_n)](
-        q, k, v, do, lse, delta, kpm, am, scal, dkv, dkv[..., d:], dbkv_part, la, lb, d, dh,
-        n_heads, stride_amb, 2 * d, **common)
+    # exact (ieee) dots run on FMA units, where dk and dv together spill from dh 64 (sm_90
+    # compile report): there they are two launches, each recomputing p
+    split = dtype not in _HALF and bdh >= 64
+    for want_dk, want_dv in (((True, False), (False, True)) if split else ((True, True),)):
+        _attn_bwd_dkdv_kernel[(bsz * n_heads, n_n)](
+            q, k, v, do, lse, delta, kpm, am, scal, dkv, dkv[..., d:], dbkv_part, la, lb, d,
+            dh, n_heads, stride_amb, 2 * d, **common, WANT_DK=want_dk, WANT_DV=want_dv)
 
     # the input projections: dx_a accumulates in place, k | v go back as one product
     dq2, dkv2 = dq.view(rows, d), dkv.view(bsz * lb, 2 * d)
