@@ -8,6 +8,12 @@ and "latest item of a domain" are reverse-cummin / forward-cummax scans.
 
 Split (on each user's merged timeline of length n): train on items [0, n-2), validate on item
 n-2 with history [0, n-2), test on item n-1 with history [0, n-1).
+
+Training negatives (`neg_sampling`): `per_user` draws, for every position, the model's
+`n_negatives` items of each domain uniformly with replacement (models pool them per user);
+`per_position` is the ABXI authors' draw: at every position, K items of each domain without
+replacement, excluding the user's training items of that domain, fresh for every position
+and epoch (`draw_distinct`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 from cdsr.dataset import CDSRDataset, DataError
 
 SPLITS = ("valid", "test")
+NEG_SAMPLING = ("per_user", "per_position")
 _SPLIT_IDS = {"valid": 1, "test": 2}
 
 
@@ -79,12 +86,96 @@ def to_torch(batch: Dict[str, np.ndarray]) -> Dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
 
 
+def draw_distinct(rng: np.random.Generator, n_free: np.ndarray, k: int) -> np.ndarray:
+    """(R, k) values, row r a uniform random k-subset of [0, n_free[r]) in random order.
+
+    Vectorised rejection: draw all k with replacement, keep each value's first occurrence in
+    its row, redraw the later duplicates, repeat. Given how many distinct values a round
+    leaves, they are a uniform subset of what was still free (symmetry over the labels), so
+    the union is a uniform k-subset. A round leaves about k^2 / (2 n_free) duplicates per
+    row, so it ends in a few rounds unless k is close to n_free (k <= n_free is required)."""
+    n_free = np.asarray(n_free, dtype=np.int64)
+    if k > 0 and len(n_free) and int(n_free.min()) < k:
+        raise ValueError(f"cannot draw {k} distinct values from {int(n_free.min())}")
+    vals = rng.integers(0, n_free[:, None], size=(len(n_free), k))
+    active = np.arange(len(n_free))  # rows that may still hold duplicates
+    while k > 1 and len(active):
+        # value * k + column sorts by value, then column: a plain sort (no argsort) finds each
+        # value's later occurrences and where they sit.
+        ranked = np.sort(vals[active] * k + np.arange(k), axis=1)
+        later = ranked[:, 1:] // k == ranked[:, :-1] // k
+        rows, cols = np.nonzero(later)
+        if not len(rows):
+            break
+        vals[active[rows], ranked[rows, cols + 1] % k] = rng.integers(0, n_free[active[rows]])
+        active = np.unique(active[rows])
+    return vals
+
+
+@dataclass
+class SeenItems:
+    """Each user's distinct training items of one domain, as within-domain indices 0..n-1,
+    sorted, flat with offsets; `skip` maps a draw over a user's unseen items to an item id."""
+
+    lo: int  # item id of within-domain index 0, minus 1
+    size: int  # items in the domain
+    flat: np.ndarray  # sorted seen indices of user 1, then user 2, ...
+    start: np.ndarray  # (n_users + 1,) offsets into flat
+
+    def __post_init__(self) -> None:
+        counts = np.diff(self.start)
+        owner = np.repeat(np.arange(len(counts)), counts)
+        shifted = self.flat - (np.arange(len(self.flat)) - np.repeat(self.start[:-1], counts))
+        # Non-decreasing: users in order, s_j - j within a user (s strictly increasing).
+        self.keys = owner * (self.size + 1) + shifted
+
+    def n_free(self, users: np.ndarray) -> np.ndarray:
+        return self.size - (self.start[users] - self.start[users - 1])
+
+    def item_ids(self, users: np.ndarray, draws: np.ndarray) -> np.ndarray:
+        """draws (R, k) over [0, n_free of users[r]) -> item ids: the v-th unseen item is v
+        plus the number of seen indices s_j with s_j - j <= v (s sorted), per user."""
+        # The searched keys are only those of `users` (distinct, in first-seen order, renumbered
+        # 0..): a few thousand that stay in cache instead of every user's.
+        span = self.size + 1
+        ids, local = np.unique(users, return_inverse=True)
+        counts = self.start[ids] - self.start[ids - 1]
+        first = np.repeat(self.start[ids - 1] - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+        pick = first + np.arange(int(counts.sum()))
+        keys = np.repeat(np.arange(len(ids)), counts) * span + (self.keys[pick] - (ids - 1).repeat(counts) * span)
+        head = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        u = local.reshape(-1)[:, None]
+        below = np.searchsorted(keys, u * span + draws, side="right") - head[u]
+        return draws + below + self.lo + 1
+
+
+def seen_items(dataset: CDSRDataset, train_end: np.ndarray, domain: int) -> SeenItems:
+    """The distinct items of `domain` among each user's first train_end[u-1] items."""
+    lengths = dataset.lengths
+    owner = np.repeat(np.arange(dataset.n_users), lengths)
+    index = np.arange(len(dataset.items)) - np.repeat(dataset.offsets[:-1], lengths)
+    items = dataset.items
+    lo, size = (dataset.n_items_a, dataset.n_items_b) if domain else (0, dataset.n_items_a)
+    keep = (index < train_end[owner]) & ((items > dataset.n_items_a) == bool(domain))
+    owner, local = owner[keep], items[keep] - lo - 1
+    key = np.unique(owner * (size + 1) + local)  # sorted by user, then item; duplicates gone
+    owner, local = key // (size + 1), key % (size + 1)
+    start = np.zeros(dataset.n_users + 1, np.int64)
+    np.cumsum(np.bincount(owner, minlength=dataset.n_users), out=start[1:])
+    return SeenItems(lo, size, local, start)
+
+
 @dataclass
 class TrainSampler:
     """One training sample per user per epoch: its whole training prefix (last L+1 items).
 
     The order and the negatives of epoch e depend only on (seed, e, rank), so a run restarted
     at the beginning of an epoch replays it exactly (the basis of bit-exact --resume).
+
+    `neg_sampling="per_position"` gives `neg_a` / `neg_b` of shape (B, L, K) with K =
+    `per_position_k` (default: the model's own per-position counts), every position's K items
+    distinct and none among the user's training items of that domain; padding positions get a
+    draw too (models mask them), so that every row of the tensor is a valid negative set.
     """
 
     dataset: CDSRDataset
@@ -94,6 +185,8 @@ class TrainSampler:
     seed: int
     rank: int = 0
     world_size: int = 1
+    neg_sampling: str = "per_user"
+    per_position_k: int = 0
 
     def __post_init__(self) -> None:
         lengths = self.dataset.lengths
@@ -103,6 +196,25 @@ class TrainSampler:
         if len(self.users) == 0:
             raise DataError(f"{self.dataset.name}: no user has enough interactions to train on")
         self.local_batch = max(1, -(-self.batch_size // self.world_size))
+        if self.neg_sampling not in NEG_SAMPLING:
+            raise ValueError(f"neg_sampling must be one of {', '.join(NEG_SAMPLING)}, got {self.neg_sampling!r}")
+        self.seen: Dict[str, SeenItems] = {}
+        self.k = {d: int(self.n_negatives.get(d, 0)) for d in "AB"}
+        if self.neg_sampling == "per_position":
+            for i, d in enumerate("AB"):
+                want = self.k[d]
+                if self.per_position_k:
+                    if self.per_position_k < want:
+                        raise ValueError(f"train_negatives={self.per_position_k} is fewer than the model's "
+                                         f"{want} negatives per position of domain {d}")
+                    want = self.per_position_k
+                self.k[d] = want
+                self.seen[d] = seen_items(self.dataset, self.train_end, i)
+                free = self.seen[d].n_free(self.users)
+                if want and int(free.min()) < want:
+                    user = int(self.users[int(np.argmin(free))])
+                    raise DataError(f"{self.dataset.name}: user {user} has only {int(free.min())} unseen "
+                                    f"training items in domain {d}, fewer than train_negatives={want}")
 
     def n_batches(self) -> int:
         per_rank = -(-len(self.users) // self.world_size)
@@ -126,7 +238,14 @@ class TrainSampler:
         batch = history_features(win[:, :-1], ds.n_items_a, following=win[:, -1])
         batch["user"] = users.astype(np.int64)
         b = len(users)
-        ka, kb = int(self.n_negatives.get("A", 0)), int(self.n_negatives.get("B", 0))
+        ka, kb = self.k["A"], self.k["B"]
+        if self.neg_sampling == "per_position":
+            rows = np.repeat(users, length)  # one row per (user, position)
+            for d, k in (("A", ka), ("B", kb)):
+                seen = self.seen[d]
+                draws = draw_distinct(neg_rng, seen.n_free(rows), k)
+                batch[f"neg_{d.lower()}"] = seen.item_ids(rows, draws).reshape(b, length, k)
+            return batch
         batch["neg_a"] = neg_rng.integers(1, ds.n_items_a + 1, size=(b, length, ka))
         batch["neg_b"] = neg_rng.integers(ds.n_items_a + 1, ds.n_items + 1, size=(b, length, kb))
         return batch

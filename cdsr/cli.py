@@ -92,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train and evaluate a model (writes results.json)")
     t.add_argument("--model", default="sasrec", metavar="M",
-                   help=f"backbone: {', '.join(models.MODEL_NAMES)} (default: sasrec)")
+                   help=f"backbone: {', '.join(models.MODEL_NAMES)}; --set model=M overrides it (default: sasrec)")
+    t.add_argument("--preset", default=None, choices=("tiny", "cpu", "paper"),
+                   help="start from an experiment preset's settings for this model and data, e.g. paper = the "
+                        "ABXI authors' schedule, negatives and optimiser (cdsr/experiments/common.py); named "
+                        "options and --set override them (default: none)")
     _data_options(t)
     t.add_argument("--gca", type=int, nargs="*", default=None, metavar="I",
                    help="GCA positions, e.g. --gca 0 or --gca 0 1 (default: none = the bare backbone)")
@@ -232,11 +236,34 @@ def _run_log(path: Path, append: bool, first_line: str = "") -> Iterator[None]:
         handler.close()
 
 
+def _set_value(sets: List[str], key: str) -> Optional[str]:
+    """The last `--set key=VALUE` text for `key`, or None."""
+    found = None
+    for item in sets:
+        k, _, v = item.partition("=")
+        if k.strip() == key:
+            found = v.strip()
+    return found
+
+
+def train_config(args: argparse.Namespace) -> Dict[str, Any]:
+    """`cdsr train`'s run config: model defaults <- --preset's settings for (model, data) <-
+    named options <- --set. The model and data may come from --set model=M / data=D."""
+    model = _set_value(args.set, "model") or args.model
+    overrides = _overrides(args)
+    if getattr(args, "preset", None):
+        from cdsr.experiments.common import PRESETS, preset_settings
+
+        data = _set_value(args.set, "data") or overrides.get("data") or config_mod.PIPELINE_DEFAULTS["data"]
+        overrides = {"epochs": PRESETS[args.preset]["epochs"], **preset_settings(args.preset, model, data), **overrides}
+    return config_mod.make_config(model, overrides, [s for s in args.set if s.partition("=")[0].strip() != "model"])
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from cdsr.distributed import init_from_env, resolve_device
     from cdsr.trainer import LOG, Trainer, check_run_dir, format_table
 
-    cfg = config_mod.make_config(args.model, _overrides(args), args.set)
+    cfg = train_config(args)
     if args.list_config:
         print(json.dumps(cfg, indent=2))
         return 0

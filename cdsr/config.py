@@ -43,10 +43,22 @@ PIPELINE_DEFAULTS: Dict[str, Any] = {
     "lr": 2e-3,
     "weight_decay": 0.01,
     "warmup_epochs": 1,
+    # step: lr rises linearly every optimiser step over warmup_epochs epochs; epoch: it steps
+    # once per epoch from 1e-5 x lr, as the ABXI authors' LinearLR (start_factor 1e-5)
+    "warmup_unit": "step",
+    # plateau decay: lr x lr_plateau_factor on the (lr_plateau_patience + 1)-th validation
+    # epoch in a row without improvement (torch's ReduceLROnPlateau rule); 0 = off
+    "lr_plateau_patience": 0,
+    "lr_plateau_factor": 0.3162,
     "grad_clip": 5.0,
     "patience": 3,
     "early_stop_metric": "mrr",
     "max_len": 50,
+    # training negatives (cdsr/batching.py): per_user = the model's few per position, with
+    # replacement; per_position = the ABXI authors' draw (distinct, none of the user's items)
+    "neg_sampling": "per_user",
+    # per_position: negatives per position and domain; 0 = the model's own count
+    "train_negatives": 0,
     # evaluation
     # 999 is the paper's protocol; a synthetic preset may lower the default (`derived_defaults`).
     "eval_negatives": 999,
@@ -63,6 +75,18 @@ PIPELINE_DEFAULTS: Dict[str, Any] = {
 
 # Keys that may differ between a run and its --resume (they do not change the result).
 RESUMABLE_KEYS = {"device", "threads", "progress", "out", "resume", "epochs", "data_dir", "cache_dir"}
+
+
+# Keys whose default leaves a run as it was before the key existed: at that value they are
+# left out of a run's identity (its folder hash, the resume check), so runs recorded without
+# them keep their folders and resume.
+QUIET_DEFAULTS = {"warmup_unit": "step", "lr_plateau_patience": 0, "lr_plateau_factor": 0.3162,
+                  "neg_sampling": "per_user", "train_negatives": 0}
+
+
+def comparable(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """`cfg` without the QUIET_DEFAULTS keys that hold their default."""
+    return {k: v for k, v in cfg.items() if not (k in QUIET_DEFAULTS and v == QUIET_DEFAULTS[k])}
 
 
 # Keys that name files or folders: a --set value is kept as the text given.
@@ -229,7 +253,7 @@ def check(cfg: Dict[str, Any]) -> None:
               "item_min", "max_per_user", "user_min_per_domain"):
         if not _is_int(cfg[k]) or cfg[k] < 1:
             raise ConfigError(f"{k} must be a positive integer, got {cfg[k]!r}")
-    for k in ("seed", "data_seed", "eval_seed", "threads"):
+    for k in ("seed", "data_seed", "eval_seed", "threads", "lr_plateau_patience", "train_negatives"):
         if not _is_int(cfg[k]) or cfg[k] < 0:
             raise ConfigError(f"{k} must be a non-negative integer, got {cfg[k]!r}")
     if not _is_number(cfg["lr"]) or cfg["lr"] <= 0:
@@ -237,6 +261,14 @@ def check(cfg: Dict[str, Any]) -> None:
     for k in ("weight_decay", "warmup_epochs", "grad_clip"):
         if not _is_number(cfg[k]) or cfg[k] < 0:
             raise ConfigError(f"{k} must be a number >= 0, got {cfg[k]!r}")
+    if not _is_number(cfg["lr_plateau_factor"]) or not 0 < cfg["lr_plateau_factor"] < 1:
+        raise ConfigError(f"lr_plateau_factor must be a number in (0, 1), got {cfg['lr_plateau_factor']!r}")
+    if cfg["warmup_unit"] not in ("step", "epoch"):
+        raise ConfigError(f"warmup_unit must be step or epoch, got {cfg['warmup_unit']!r}")
+    from cdsr.batching import NEG_SAMPLING
+
+    if cfg["neg_sampling"] not in NEG_SAMPLING:
+        raise ConfigError(f"neg_sampling must be one of {', '.join(NEG_SAMPLING)}, got {cfg['neg_sampling']!r}")
     for k in ("find_unused_parameters",):
         if not isinstance(cfg[k], bool):
             raise ConfigError(f"{k} must be true or false, got {cfg[k]!r}")

@@ -1,5 +1,13 @@
-"""Training loop: AdamW with linear warm-up, per-epoch validation, early stopping, the best
-model kept, test at the best validation epoch, atomic per-epoch checkpoints, exact resume.
+"""Training loop: AdamW with linear warm-up, per-epoch validation, plateau learning-rate decay,
+early stopping, the best model kept, test at the best validation epoch, atomic per-epoch
+checkpoints, exact resume.
+
+Learning rate of optimiser step n (0-based) = lr x warm-up(n) x plateau scale. warm-up(n):
+`warmup_unit=step` rises linearly every step to 1 after warmup_epochs epochs; `epoch` holds
+1e-5 + (1 - 1e-5) x min(e, W) / W through epoch e + 1 (e = n // steps per epoch, W =
+warmup_epochs), the ABXI authors' per-epoch LinearLR. Plateau scale: x lr_plateau_factor
+when lr_plateau_patience + 1 validation epochs in a row did not improve (then the count
+restarts); warm-up epochs of `warmup_unit=epoch` count neither for it nor for early stopping.
 
 Why resume is exact: everything random inside epoch e (user order, negatives, dropout) is
 seeded from (seed, e, rank) at the start of the epoch, and the checkpoint written after each
@@ -23,7 +31,7 @@ import torch
 
 import models
 from cdsr.batching import EvalSet, TrainSampler, build_eval_set
-from cdsr.config import RESUMABLE_KEYS, ConfigError, resolve_threads
+from cdsr.config import RESUMABLE_KEYS, ConfigError, comparable, resolve_threads
 from cdsr.dataset import CDSRDataset, DataError
 from cdsr.distributed import DistContext, resolve_device
 from cdsr.loaders import load_dataset
@@ -147,6 +155,7 @@ def _existing_config(out: Path) -> Optional[Dict[str, Any]]:
 
 
 def _config_diff(old: Dict[str, Any], new: Dict[str, Any], ignore) -> list:
+    old, new = comparable(old), comparable(new)
     return sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
 
 
@@ -254,12 +263,18 @@ class Trainer:
         else:
             self.train_model = self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        self.sampler = TrainSampler(ds, cfg["max_len"], cfg["batch_size"], self.model.n_negatives, cfg["seed"],
-                                    self.ctx.rank, self.ctx.world_size)
+        try:
+            self.sampler = TrainSampler(ds, cfg["max_len"], cfg["batch_size"], self.model.n_negatives, cfg["seed"],
+                                        self.ctx.rank, self.ctx.world_size, neg_sampling=cfg.get("neg_sampling", "per_user"),
+                                        per_position_k=int(cfg.get("train_negatives") or 0))
+        except ValueError as e:
+            if isinstance(e, DataError):
+                raise
+            raise ConfigError(str(e)) from None
         self.steps_per_epoch = self.sampler.n_batches()
-        warmup = int(round(cfg["warmup_epochs"] * self.steps_per_epoch))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+        self.plateau_scale = 1.0  # product of the plateau decays so far
+        self.plateau_bad = 0  # validation epochs without improvement since the last decay
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.valid_set = build_eval_set(ds, "valid", cfg["eval_negatives"], cfg["eval_seed"])
         self.show_progress = self.ctx.is_main and progress_enabled(cfg["progress"])
         # Early-stopping state (all of it goes into the checkpoint).
@@ -273,6 +288,39 @@ class Trainer:
         self.history: list = []
         self.elapsed = 0.0
 
+    # ---- learning rate -----------------------------------------------------------------------
+    def _warmup_factor(self, step: int) -> float:
+        cfg = self.cfg
+        if cfg.get("warmup_unit", "step") == "epoch":
+            width = cfg["warmup_epochs"]
+            if width <= 0:
+                return 1.0
+            start = 1e-5
+            return start + (1.0 - start) * min(step // self.steps_per_epoch, width) / width
+        warmup = int(round(cfg["warmup_epochs"] * self.steps_per_epoch))
+        return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+    def _lr_factor(self, step: int) -> float:
+        return self._warmup_factor(step) * self.plateau_scale
+
+    def in_warmup(self, epoch: int) -> bool:
+        """Epoch `epoch` (1-based) trained under the per-epoch warm-up."""
+        return self.cfg.get("warmup_unit", "step") == "epoch" and epoch <= self.cfg["warmup_epochs"]
+
+    def _decay_on_plateau(self, improved: bool) -> bool:
+        """Count a validation epoch for the plateau rule; True when it decayed the lr."""
+        patience = int(self.cfg.get("lr_plateau_patience") or 0)
+        if patience <= 0:
+            return False
+        self.plateau_bad = 0 if improved else self.plateau_bad + 1
+        if self.plateau_bad <= patience:
+            return False
+        self.plateau_scale *= float(self.cfg["lr_plateau_factor"])
+        self.plateau_bad = 0
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self._lr_factor(self.scheduler.last_epoch)
+        return True
+
     # ---- checkpoints -------------------------------------------------------------------------
     def state(self) -> Dict[str, Any]:
         return {
@@ -282,7 +330,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "best_score": self.best_score,
             "best_epoch": self.best_epoch, "best_valid": self.best_valid, "best_state": self.best_state,
             "bad_epochs": self.bad_epochs, "finished": self.finished, "history": self.history,
-            "elapsed": self.elapsed,
+            "elapsed": self.elapsed, "plateau": {"scale": self.plateau_scale, "bad": self.plateau_bad},
         }
 
     def save_checkpoint(self) -> None:
@@ -300,6 +348,9 @@ class Trainer:
         for key in ("epoch", "best_score", "best_epoch", "best_valid", "best_state", "bad_epochs",
                     "finished", "history", "elapsed"):
             setattr(self, key, ck[key])
+        plateau = ck.get("plateau") or {}
+        self.plateau_scale = float(plateau.get("scale", 1.0))
+        self.plateau_bad = int(plateau.get("bad", 0))
         # More epochs asked for than the finished run had: keep going unless early stopping ended it.
         if self.finished and self.bad_epochs < self.cfg["patience"] and self.epoch < self.cfg["epochs"]:
             self.finished = False
@@ -356,6 +407,7 @@ class Trainer:
         while not self.finished and self.epoch < cfg["epochs"]:
             start = time.perf_counter()
             epoch = self.epoch + 1
+            lr_first = self.optimizer.param_groups[0]["lr"]  # (of the epoch's first step)
             train_log = self.train_epoch(epoch)
             valid = evaluate(self.model, self.dataset, self.valid_set, cfg, self.ctx)
             score = selection_score(valid, metric)
@@ -364,13 +416,17 @@ class Trainer:
                 self.best_score, self.best_epoch, self.best_valid = score, epoch, valid
                 self.best_state = _cpu_state(self.model)
                 self.bad_epochs = 0
-            else:
+            elif not self.in_warmup(epoch):
                 self.bad_epochs += 1
+            decayed = not self.in_warmup(epoch) and self._decay_on_plateau(improved)
+            if decayed and self.ctx.is_main:
+                log.info("plateau: lr x %g after %d epochs without improvement (lr now %.3g)",
+                         cfg["lr_plateau_factor"], cfg["lr_plateau_patience"] + 1, self.optimizer.param_groups[0]["lr"])
             seconds = time.perf_counter() - start
             self.elapsed += seconds
             self.epoch = epoch
             self.history.append({"epoch": epoch, "loss": train_log["loss"], "valid_score": score,
-                                 "seconds": seconds})
+                                 "seconds": seconds, "lr": lr_first})
             if self.bad_epochs >= cfg["patience"]:
                 self.finished = True
                 if self.ctx.is_main:
@@ -407,6 +463,8 @@ class Trainer:
             "n_params_target": getattr(self.model, "n_params_target", self.n_params),
             "best_epoch": self.best_epoch,
             "epochs_run": self.epoch,
+            # early stopping ended the run (not the epoch cap)
+            "early_stopped": self.bad_epochs >= self.cfg["patience"],
             "valid": self.best_valid,
             "test": test,
             "alignment": alignment,

@@ -8,8 +8,38 @@ by default; every one of them can be overridden on the command line.
   nothing about the paper.
 - `cpu`: the two Amazon pairs here (abe, afk) with ABXI and one other paper backbone, 3 seeds,
   a short training budget (10 epochs, the models' own defaults otherwise).
-- `paper`: the paper's protocol: 5 seeds, training until early stopping (up to 200 epochs),
-  the backbones' published optimiser settings where the pipeline has the key for them.
+- `paper`: the ABXI authors' training protocol (their code at commit 72e52c9, `main.py`,
+  `trainer.py`, `models/data/dataloader.py`, `demo.sh`), for every backbone, 5 seeds:
+  AdamW lr 1e-4, weight decay 2.0 (abe) / 3.0 (afk), batch 256; learning-rate warm-up per
+  epoch from 1e-5 x lr over 10 epochs (`warmup_unit=epoch`); then lr x 0.3162 on the 31st
+  validation epoch in a row without improvement (`lr_plateau_patience=30`, their
+  ReduceLROnPlateau patience 30); early stop on the 62nd such epoch (`patience=62`: their
+  counter stops when it exceeds es_p = 61); at most 500 epochs; no gradient clipping;
+  LoRA ranks abe 64/64, afk 16 (domain) / 64 (invariant); selection on validation
+  MRR_A + MRR_B; training negatives drawn per position (`neg_sampling=per_position`,
+  `train_negatives=128`): 128 A + 128 B at every position, distinct, none of the user's
+  training items, fresh each epoch. The schedule, cap, clipping and negatives apply to every
+  backbone; the optimiser settings and LoRA ranks are ABXI's. LLM4CDSR keeps its authors'
+  lr 1e-3, batch 128 and early-stop patience 20 (so its plateau decay never fires) and one
+  negative per position (its binary loss), drawn the same way; CDSRNP (no public code)
+  keeps its own optimiser defaults.
+
+  Where runs under this preset still differ from the authors' code:
+  - negatives reach the loss as the model uses them: ABXI and CDSRNP score one pool per
+    user (`models.layers.per_user_pool`, the first 128 of the (B, L, 128) tensor, i.e. the
+    draw of the first position, shared by the user's positions), not each position's own
+    128, until the model scores `neg_a` / `neg_b` per position;
+  - the authors validate nothing during warm-up and cannot select a warm-up epoch; here
+    warm-up epochs are validated and may be selected, but count neither for early stopping
+    nor for the plateau rule;
+  - improvement is `>` on the validation score (theirs: `>=`, so a tie moves their best
+    epoch later and resets their counters);
+  - their training sample per user is its last 47 positions (len_max 50 - 3); here 50;
+  - their B-domain candidate list also holds the last A item (an off-by-one in
+    `idx_all_b`); here B negatives are B items only;
+  - evaluation negatives are drawn once per split with a fixed seed (theirs: fresh per
+    evaluation), the same 999 per user for every epoch and model;
+  - seeds 0-4 (theirs: one seed, 3407, in demo.sh).
 """
 
 from __future__ import annotations
@@ -40,19 +70,21 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "scaling": {"widths": [32, 64, 128, 256], "seeds": [0]},
     },
     "paper": {
-        "models": None, "data": ["abe", "afk"], "seeds": [0, 1, 2, 3, 4], "epochs": 200,
-        "config": {},
+        "models": None, "data": ["abe", "afk"], "seeds": [0, 1, 2, 3, 4], "epochs": 500,
+        "config": {"warmup_unit": "epoch", "warmup_epochs": 10, "lr_plateau_patience": 30,
+                   "lr_plateau_factor": 0.3162, "patience": 62, "grad_clip": 0.0,
+                   "neg_sampling": "per_position", "train_negatives": 128, "early_stop_metric": "mrr"},
         "alignment": {"hidden": [64, 128], "heads": [4, 8], "seeds": [0, 1, 2, 3, 4], "sample": 0, "track": 3},
         "scaling": {"widths": [32, 64, 128, 256, 384], "seeds": [0, 1, 2]},
     },
 }
 
-# The backbones' published optimiser settings (paper-and-backbones.md), applied by the
-# `paper` preset where the run config has the key.
+# Per backbone and dataset, the `paper` preset's settings on top of its "config" (the ABXI
+# authors' demo.sh; LLM4CDSR's published optimiser), applied where the run config has the key.
 PAPER_SETTINGS: Dict[tuple, Dict[str, Any]] = {
-    ("abxi", "abe"): {"lr": 1e-4, "weight_decay": 2.0, "batch_size": 256, "warmup_epochs": 10},
-    ("abxi", "afk"): {"lr": 1e-4, "weight_decay": 3.0, "batch_size": 256, "warmup_epochs": 10},
-    ("llm4cdsr", None): {"lr": 1e-3, "batch_size": 128, "patience": 20},
+    ("abxi", "abe"): {"lr": 1e-4, "weight_decay": 2.0, "batch_size": 256, "lora_rank_d": 64, "lora_rank_i": 64},
+    ("abxi", "afk"): {"lr": 1e-4, "weight_decay": 3.0, "batch_size": 256, "lora_rank_d": 16, "lora_rank_i": 64},
+    ("llm4cdsr", None): {"lr": 1e-3, "batch_size": 128, "patience": 20, "train_negatives": 1},
 }
 
 
@@ -99,21 +131,29 @@ def check_positions(model: str, positions: Sequence[int], what: str) -> List[int
     return sorted(set(int(p) for p in positions))
 
 
+def preset_settings(preset_name: str, model: str, data: str) -> Dict[str, Any]:
+    """The config values preset `preset_name` gives a run of `model` on `data` (the preset's
+    own, then PAPER_SETTINGS for `paper`), limited to the keys the model's runs have."""
+    p = preset(preset_name)
+    keys = valid_keys(model)
+    out: Dict[str, Any] = {k: v for k, v in p["config"].items() if k in keys}
+    if preset_name == "paper":
+        for key in ((model, data), (model, None)):
+            out.update({k: v for k, v in PAPER_SETTINGS.get(key, {}).items() if k in keys})
+    return out
+
+
 def run_config(model: str, data: str, seed: int, *, preset_name: str, epochs: int, device: str,
                threads: Optional[int], sets: Sequence[str], controlled: Dict[str, Any]) -> Dict[str, Any]:
     """preset overrides <- paper settings (paper preset) <- --set KEY=VALUE <- what the
     experiment itself varies (`controlled`; a --set of one of those keys is an error, since
     it would silently contradict the run's labels)."""
-    p = preset(preset_name)
     keys = valid_keys(model)
     for item in sets:
         k = item.split("=", 1)[0].strip()
         if k in controlled or k in ("model", "data", "seed", "epochs", "device"):
             raise ConfigError(f"--set {k}=...: the experiment sets {k} itself; use its own option instead")
-    overrides: Dict[str, Any] = {k: v for k, v in p["config"].items() if k in keys}
-    if preset_name == "paper":
-        for key in ((model, data), (model, None)):
-            overrides.update({k: v for k, v in PAPER_SETTINGS.get(key, {}).items() if k in keys})
+    overrides = preset_settings(preset_name, model, data)
     overrides.update({"data": data, "seed": int(seed), "epochs": int(epochs), "device": device,
                       "progress": "never"})
     if threads:

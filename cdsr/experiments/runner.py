@@ -32,7 +32,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Dict, List, Optional, TextIO
 
-from cdsr.config import RESUMABLE_KEYS
+from cdsr.config import RESUMABLE_KEYS, comparable
 from cdsr.trainer import CHECKPOINT
 
 MANIFEST = "manifest.json"
@@ -71,7 +71,7 @@ class RunSpec:
 def identity(config: Dict[str, Any]) -> Dict[str, Any]:
     """The keys that change a run's result (device, threads, progress and epochs do not:
     the trainer resumes across them)."""
-    return {k: v for k, v in config.items() if k not in RESUMABLE_KEYS}
+    return {k: v for k, v in comparable(config).items() if k not in RESUMABLE_KEYS}
 
 
 def config_hash(config: Dict[str, Any], align_reg: float = 0.0) -> str:
