@@ -75,14 +75,14 @@ at::Tensor opt(const OptT& t) { return t.has_value() ? *t : at::Tensor(); }
 
 }  // namespace
 
-Dims check_gca_args(const char* fn, c10::DeviceType dev, const std::vector<at::ScalarType>& dtypes,
-                    const at::Tensor& x_a, const at::Tensor& x_b, const at::Tensor& wq,
-                    const at::Tensor& bq, const at::Tensor& wk, const at::Tensor& bk,
-                    const at::Tensor& wv, const at::Tensor& bv, const at::Tensor& wo,
-                    const at::Tensor& bo, const at::Tensor& w1, const at::Tensor& b1,
-                    const at::Tensor& w2, const at::Tensor& b2, const OptT& ln_w,
-                    const OptT& ln_b, const OptT& kpm, const OptT& am, int64_t n_heads,
-                    int64_t act) {
+Dims check_gca_args(const char* fn, const DeviceBackend& be, const at::Tensor& x_a,
+                    const at::Tensor& x_b, const GCAWeights& w, const OptT& kpm, const OptT& am,
+                    const GCAConfig& cfg) {
+  const c10::DeviceType dev = be.device;
+  const std::vector<at::ScalarType>& dtypes = be.dtypes;
+  const int64_t n_heads = cfg.n_heads, act = cfg.activation;
+  const at::Tensor &wq = w.wq, &bq = w.bq, &wk = w.wk, &bk = w.bk, &wv = w.wv, &bv = w.bv,
+                   &wo = w.wo, &bo = w.bo, &w1 = w.w1, &b1 = w.b1, &w2 = w.w2, &b2 = w.b2;
   TORCH_CHECK(x_a.defined() && x_a.dim() == 3, fn, ": x_a must be (B, La, d), got ",
               x_a.defined() ? shape_str(x_a) : std::string("undefined"));
   TORCH_CHECK(x_a.device().type() == dev, fn, ": x_a must be a ", c10::DeviceTypeName(dev),
@@ -115,11 +115,11 @@ Dims check_gca_args(const char* fn, c10::DeviceType dev, const std::vector<at::S
   check_tensor(fn, "b1", b1, dev, dt, {hid});
   check_tensor(fn, "w2", w2, dev, dt, {d, hid});
   check_tensor(fn, "b2", b2, dev, dt, {d});
-  TORCH_CHECK(ln_w.has_value() == ln_b.has_value(), fn,
+  TORCH_CHECK(w.ln_w.defined() == w.ln_b.defined(), fn,
               ": ln_w and ln_b must both be given (LayerNorm on) or both be None");
-  if (ln_w.has_value()) {
-    check_tensor(fn, "ln_w", *ln_w, dev, dt, {d});
-    check_tensor(fn, "ln_b", *ln_b, dev, dt, {d});
+  if (w.layer_norm()) {
+    check_tensor(fn, "ln_w", w.ln_w, dev, dt, {d});
+    check_tensor(fn, "ln_b", w.ln_b, dev, dt, {d});
   }
   if (kpm.has_value()) {
     check_mask(fn, "key_padding_mask", *kpm, x_a);
@@ -171,7 +171,7 @@ namespace {
 // the caching allocator already does this: every request is a plain at::empty there.
 thread_local std::vector<at::Tensor> tl_slots;
 
-enum Slot : size_t { kSlotA, kSlotB, kSlotC, kSlotXa, kSlotDxa, kSlotDkv, kNumSlots };
+enum Slot : size_t { kSlotA, kSlotB, kSlotC, kSlotDxa, kSlotDkv, kNumSlots };
 
 at::Tensor scratch(Slot slot, at::IntArrayRef shape, const at::TensorOptions& opts) {
   if (opts.device().type() != c10::DeviceType::CPU) return at::empty(shape, opts);
@@ -310,24 +310,6 @@ struct Rows {
   bool compact() const { return idx.defined(); }
   // Every stored row sees a key (compact: only such rows are stored; dense: all_active).
   bool stored_rows_see_keys() const { return compact() || all_active; }
-
-  // A (total, cols) tensor whose top n rows receive the compact rows; returns it and writes
-  // the top rows' view to top. The rest is never read: it is zeroed only when the tensor
-  // leaves as a custom op output (which must be deterministic), not on the direct eager path
-  // (about 45 MB of zero-fill per forward at (256, 50, 256), 3 ms).
-  at::Tensor packed(int64_t cols, const at::TensorOptions& opts, at::Tensor& top,
-                    bool zero_tail) const {
-    at::Tensor t = recycled_empty({total, cols}, opts);
-    top = t.narrow(0, 0, n);
-    if (zero_tail && n < total) t.narrow(0, n, total - n).zero_();
-    return t;
-  }
-
-  // t's rows at idx, (n, cols), in a scratch slot.
-  at::Tensor gather(const at::Tensor& t, Slot slot) const {
-    if (!compact()) return t;
-    return gather_into(t, scratch(slot, {n, t.size(1)}, t.options()));
-  }
 
   // The same rows in a tensor of their own (kept past the call).
   at::Tensor gather_kept(const at::Tensor& t) const {
@@ -531,21 +513,32 @@ Dims compact_dims(Dims dm, c10::DeviceType dev, const Rows& qr, const Rows& kr) 
 
 }  // namespace
 
-std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::DeviceType dev,
-                                    const std::vector<at::ScalarType>& dtypes,
-                                    const at::Tensor& x_a, const at::Tensor& x_b,
-                                    const at::Tensor& wq, const at::Tensor& bq,
-                                    const at::Tensor& wk, const at::Tensor& bk,
-                                    const at::Tensor& wv, const at::Tensor& bv,
-                                    const at::Tensor& wo, const at::Tensor& bo,
-                                    const at::Tensor& w1, const at::Tensor& b1,
-                                    const at::Tensor& w2, const at::Tensor& b2,
-                                    const OptT& ln_w, const OptT& ln_b, const OptT& kpm,
-                                    const OptT& am, int64_t n_heads, int64_t act, double ln_eps,
-                                    bool custom_op) {
+GCAWeights GCAWeights::from_list(const char* fn, const std::vector<at::Tensor>& list,
+                                 const std::optional<at::Tensor>& ln_w,
+                                 const std::optional<at::Tensor>& ln_b) {
+  TORCH_CHECK(list.size() == kCount, fn, ": weights must hold ", kCount,
+              " tensors (wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2), got ", list.size());
+  const auto opt_t = [](const std::optional<at::Tensor>& t) { return t ? *t : at::Tensor(); };
+  return GCAWeights{list[0], list[1], list[2], list[3], list[4],  list[5],    list[6],
+                    list[7], list[8], list[9], list[10], list[11], opt_t(ln_w), opt_t(ln_b)};
+}
+
+GCASaved GCASaved::from_list(const char* fn, const std::vector<at::Tensor>& list) {
+  TORCH_CHECK(list.size() == kCount, fn, ": saved must hold the forward's ", kCount,
+              " intermediates, got ", list.size());
+  return GCASaved{list[0], list[1], list[2], list[3], list[4], list[5],
+                  list[6], list[7], list[8], list[9], list[10]};
+}
+
+std::vector<at::Tensor> gca_forward(const DeviceBackend& be, const at::Tensor& x_a,
+                                    const at::Tensor& x_b, const GCAWeights& w, const OptT& kpm,
+                                    const OptT& am, const GCAConfig& cfg) {
   const KernelScope scope;  // autograd and autocast see none of the calls below
-  const Dims dm = check_gca_args(fn, dev, dtypes, x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1,
-                                 b1, w2, b2, ln_w, ln_b, kpm, am, n_heads, act);
+  const std::string fn_s = std::string("gca_fwd (") + be.name + ")";
+  const char* fn = fn_s.c_str();
+  const c10::DeviceType dev = be.device;
+  const GCAKernels& K = be.kernels;
+  const Dims dm = check_gca_args(fn, be, x_a, x_b, w, kpm, am, cfg);
   const int64_t N = dm.B * dm.La, M = dm.B * dm.Lb, d = dm.d;
   const auto opts = x_a.options();
   const auto acc_opts = opts.dtype(acc_dtype(x_a.scalar_type()));
@@ -553,27 +546,22 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
   const Rows qr = active_query_rows(dev, opt(kpm), opt(am), dm);
   const Rows kr = active_key_rows(dev, opt(kpm), dm);
 
-  // On the compact path q, o and h hold the active query rows packed at their top, kv the
-  // unpadded keys (the kernels index them through the row maps of dmc); the rest is zero.
+  // q, o, x', h and g hold the nq = qr.n active query rows, kv the nk = kr.n unpadded keys
+  // (all rows on the dense path); the kernels reach them through the row maps of dmc.
   const Dims dmc = compact_dims(dm, dev, qr, kr);
-  // The gathered input rows go to the backward, which would otherwise gather them again (two
-  // of the four gathers, ~0.25 ms each at (256, 50, 64)). Not from the custom op: its outputs'
-  // shapes must be known before the call, so there they are (0, d) and the backward gathers.
-  const bool keep_rows = !custom_op;
-  const at::Tensor xa_c = keep_rows ? qr.gather_kept(xa) : qr.gather(xa, kSlotXa);
-  const at::Tensor xb_c = keep_rows ? kr.gather_kept(xb) : kr.gather(xb, kSlotA);
-  at::Tensor q_c, kv_c, o_c, h_c;
-  at::Tensor q = qr.packed(d, opts, q_c, custom_op);
+  // the gathered input rows are saved: the backward's weight gradients need them again
+  const at::Tensor xa_c = qr.gather_kept(xa);
+  const at::Tensor xb_c = kr.gather_kept(xb);
+  at::Tensor q = recycled_empty({qr.n, d}, opts);
   // on the CPU q is stored scaled by 1 / sqrt(dh) (Dims::q_scaled): q = qs (x_a Wq^T + bq)
   const double qs = dmc.q_scaled ? 1.0 / std::sqrt(static_cast<double>(d / dm.H)) : 1.0;
-  // beta = 1 (the bias pre-scaled): MKL's sgemm runs a separate, slower scaling pass over the
-  // output for any other beta (see product_into)
-  at::addmm_out(q_c, qs == 1.0 ? bq : bq * qs, xa_c, wq.t(), 1.0, qs);
-  // k and v come from the same input: one product against the stacked weights (two products
-  // into kv's column halves read x_b twice and copy the bias twice: measured slower)
-  at::Tensor kv = kr.packed(2 * d, opts, kv_c, custom_op);
-  at::addmm_out(kv_c, at::cat({bk, bv}), xb_c, at::cat({wk, wv}).t());
-  at::Tensor o = qr.packed(d, opts, o_c, custom_op);
+  // beta = 1 with the bias pre-scaled: MKL's sgemm scales its output in a pass of its own for
+  // any other beta (see product_into)
+  at::addmm_out(q, qs == 1.0 ? w.bq : w.bq * qs, xa_c, w.wq.t(), 1.0, qs);
+  // k and v come from the same input: one product against the stacked weights
+  at::Tensor kv = recycled_empty({kr.n, 2 * d}, opts);
+  at::addmm_out(kv, at::cat({w.bk, w.bv}), xb_c, at::cat({w.wk, w.wv}).t());
+  at::Tensor o = recycled_empty({qr.n, d}, opts);
   // the kernel writes the rows it computes: +inf marks the others (no visible key)
   at::Tensor lse = recycled_empty({N, dm.H}, acc_opts);
   if (qr.compact()) lse.fill_(std::numeric_limits<double>::infinity());
@@ -582,135 +570,123 @@ std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::De
     K.attn_fwd(q, kv, opt(kpm), opt(am), o, lse, dmc);
   }
 
-  // x' = o Wo^T + bo where a key was seen, 0 elsewhere; on the compact path those rows are not
-  // stored (x' is packed like q, and so is g) and every stored row takes the bias: it goes into
-  // the product (copied into the output first, in place of the zero-fill product_into does),
-  // and cos is formed by the gate's row pass, which loads x_a and x' anyway: no pass of its own.
-  // The same when every row sees a key (no mask at all). Dense path with keyless rows: the row
-  // kernel adds the bias on the rows with a key and zeroes the rest.
-  at::Tensor xp_c, g_c;
-  at::Tensor xp = qr.packed(d, opts, xp_c, custom_op);
+  // x' = o Wo^T + bo where a key was seen, 0 elsewhere. When every stored row sees a key
+  // (compact path, or no mask) the bias goes into the product and cos is formed by the gate's
+  // row pass, which loads x_a and x' anyway. Dense path with keyless rows: the row kernel adds
+  // the bias on the rows with a key and zeroes the rest.
+  at::Tensor xp = recycled_empty({qr.n, d}, opts);
   at::Tensor cos = recycled_empty({N}, opts);
-  // (compact rows, and the all-active flag, exist on the CPU only)
   const bool cos_in_gate = qr.stored_rows_see_keys();
   if (cos_in_gate) {
-    at::addmm_out(xp_c, bo, o_c, wo.t());
+    at::addmm_out(xp, w.bo, o, w.wo.t());
   } else {
-    product_into(xp_c, o_c, wo.t());
+    product_into(xp, o, w.wo.t());
     RECORD_FUNCTION("gca::xprime_fwd", std::vector<c10::IValue>());  // named in profiles
-    K.xprime_fwd(xp, bo, lse, xa, cos, dmc);
+    K.xprime_fwd(xp, w.bo, lse, xa, cos, dmc);
   }
 
-  // The gate only matters where x' != 0 (z = x_a + g * x'): on the compact path h and g hold
-  // the active rows packed at their top.
-  at::Tensor h = qr.packed(dm.hidden, opts, h_c, custom_op);
-  product_into(h_c, xa_c, w1.narrow(1, 0, d).t());
-  h_c.addmm_(xp_c, w1.narrow(1, d, d).t());
-  {  // one pass (a bias copy before the product and a ReLU pass were two)
+  // The gate only matters where x' != 0 (z = x_a + g * x'): h and g exist on the stored rows.
+  at::Tensor h = recycled_empty({qr.n, dm.hidden}, opts);
+  product_into(h, xa_c, w.w1.narrow(1, 0, d).t());
+  h.addmm_(xp, w.w1.narrow(1, d, d).t());
+  {
     RECORD_FUNCTION("gca::bias_relu", std::vector<c10::IValue>());  // named in profiles
-    K.bias_relu(h_c, b1);
+    K.bias_relu(h, w.b1);
   }
-  at::Tensor g = qr.packed(d, opts, g_c, custom_op);
-  product_into(g_c, h_c, w2.t());  // + b2 in the row kernel below
+  at::Tensor g = recycled_empty({qr.n, d}, opts);
+  product_into(g, h, w.w2.t());  // + b2 in the row kernel below
   at::Tensor y = recycled_empty({N, d}, opts);
-  const bool ln = ln_w.has_value();
+  const bool ln = w.layer_norm();
   at::Tensor mean = recycled_empty({ln ? N : 0}, acc_opts),
              rstd = recycled_empty({ln ? N : 0}, acc_opts);
   {
     RECORD_FUNCTION("gca::gate_out_fwd", std::vector<c10::IValue>());  // named in profiles
     at::Tensor cos_here = cos_in_gate ? cos : at::Tensor();
-    K.gate_out_fwd(xa, xp, g, b2, opt(ln_w), opt(ln_b), y, mean, rstd, cos_here, act, ln_eps, dmc);
+    K.gate_out_fwd(xa, xp, g, w.b2, w.ln_w, w.ln_b, y, mean, rstd, cos_here, cfg.activation,
+                   cfg.ln_eps, dmc);
   }
+  // outputs may not alias inputs: on the dense path the "gathered" rows are x_a itself
   const auto kept = [&](const Rows& r, const at::Tensor& rows) {
-    return keep_rows && r.compact() ? rows : at::empty({0, d}, opts);
+    return r.compact() ? rows : at::empty({0, d}, opts);
   };
-  return {y.view({dm.B, dm.La, d}), cos.view({dm.B, dm.La}), q, kv, o, lse, xp, h, g, mean, rstd,
-          kept(qr, xa_c), kept(kr, xb_c)};
+  const GCASaved saved{q, kv, o, lse, xp, h, g, mean, rstd, kept(qr, xa_c), kept(kr, xb_c)};
+  std::vector<at::Tensor> out{y.view({dm.B, dm.La, d}), cos.view({dm.B, dm.La})};
+  for (auto& t : saved.list()) out.push_back(t);
+  return out;
 }
 
-std::vector<at::Tensor> gca_backward(
-    const GCAKernels& K, const char* fn, c10::DeviceType dev,
-    const std::vector<at::ScalarType>& dtypes, const at::Tensor& dy, const at::Tensor& dcos,
-    const at::Tensor& x_a, const at::Tensor& x_b, const at::Tensor& wq, const at::Tensor& bq,
-    const at::Tensor& wk, const at::Tensor& bk, const at::Tensor& wv, const at::Tensor& bv,
-    const at::Tensor& wo, const at::Tensor& bo, const at::Tensor& w1, const at::Tensor& b1,
-    const at::Tensor& w2, const at::Tensor& b2, const OptT& ln_w, const OptT& ln_b,
-    const OptT& kpm, const OptT& am, const at::Tensor& q, const at::Tensor& kv,
-    const at::Tensor& o, const at::Tensor& lse, const at::Tensor& xp, const at::Tensor& h,
-    const at::Tensor& g, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& xa_g,
-    const at::Tensor& xb_g, int64_t n_heads, int64_t act, double ln_eps) {
+std::vector<at::Tensor> gca_backward(const DeviceBackend& be, const at::Tensor& dy,
+                                     const at::Tensor& dcos, const at::Tensor& x_a,
+                                     const at::Tensor& x_b, const GCAWeights& w, const OptT& kpm,
+                                     const OptT& am, const GCASaved& s, const GCAConfig& cfg) {
   const KernelScope scope;  // autograd and autocast see none of the calls below
-  const Dims dm = check_gca_args(fn, dev, dtypes, x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1,
-                                 b1, w2, b2, ln_w, ln_b, kpm, am, n_heads, act);
+  const std::string fn_s = std::string("gca_bwd (") + be.name + ")";
+  const char* fn = fn_s.c_str();
+  const c10::DeviceType dev = be.device;
+  const GCAKernels& K = be.kernels;
+  const Dims dm = check_gca_args(fn, be, x_a, x_b, w, kpm, am, cfg);
   const int64_t N = dm.B * dm.La, M = dm.B * dm.Lb, d = dm.d, hid = dm.hidden;
   const auto dt = x_a.scalar_type();
   const auto adt = acc_dtype(dt);
-  const bool ln = ln_w.has_value();
-  check_tensor(fn, "dy", dy, dev, dt, {dm.B, dm.La, d});
-  check_tensor(fn, "dcos", dcos, dev, dt, {dm.B, dm.La});
-  check_tensor(fn, "q", q, dev, dt, {N, d});
-  check_tensor(fn, "kv", kv, dev, dt, {M, 2 * d});
-  check_tensor(fn, "o", o, dev, dt, {N, d});
-  check_tensor(fn, "lse", lse, dev, adt, {N, dm.H});
-  check_tensor(fn, "xp", xp, dev, dt, {N, d});
-  check_tensor(fn, "h", h, dev, dt, {N, hid});
-  check_tensor(fn, "g", g, dev, dt, {N, d});
-  check_tensor(fn, "mean", mean, dev, adt, {ln ? N : 0});
-  check_tensor(fn, "rstd", rstd, dev, adt, {ln ? N : 0});
-
-  const auto opts = x_a.options();
+  const bool ln = w.layer_norm();
   const at::Tensor xa = x_a.view({N, d}), xb = x_b.view({M, d});
-  const at::Tensor w1a = w1.narrow(1, 0, d), w1b = w1.narrow(1, d, d);
-  // the same row sets as the forward (same masks, same function): h is packed the same way
+  const at::Tensor w1a = w.w1.narrow(1, 0, d), w1b = w.w1.narrow(1, d, d);
+  // the same row sets as the forward (same masks, same function)
   const Rows qr = active_query_rows(dev, opt(kpm), opt(am), dm);
   const Rows kr = active_key_rows(dev, opt(kpm), dm);
   const Dims dmc = compact_dims(dm, dev, qr, kr);
-  // the forward's gathered input rows, or (0, d): gathered here
-  const auto gathered_ok = [&](const at::Tensor& t, const Rows& r) {
-    return t.dim() == 2 && t.size(1) == d && (t.size(0) == 0 || (r.compact() && t.size(0) == r.n));
-  };
-  TORCH_CHECK(gathered_ok(xa_g, qr) && gathered_ok(xb_g, kr), fn, ": xa_g ", shape_str(xa_g),
-              " and xb_g ", shape_str(xb_g), " must be the forward's gathered rows or (0, d)");
+  check_tensor(fn, "dy", dy, dev, dt, {dm.B, dm.La, d});
+  check_tensor(fn, "dcos", dcos, dev, dt, {dm.B, dm.La});
+  check_tensor(fn, "q", s.q, dev, dt, {qr.n, d});
+  check_tensor(fn, "kv", s.kv, dev, dt, {kr.n, 2 * d});
+  check_tensor(fn, "o", s.o, dev, dt, {qr.n, d});
+  check_tensor(fn, "lse", s.lse, dev, adt, {N, dm.H});
+  check_tensor(fn, "xp", s.xp, dev, dt, {qr.n, d});
+  check_tensor(fn, "h", s.h, dev, dt, {qr.n, hid});
+  check_tensor(fn, "g", s.g, dev, dt, {qr.n, d});
+  check_tensor(fn, "mean", s.mean, dev, adt, {ln ? N : 0});
+  check_tensor(fn, "rstd", s.rstd, dev, adt, {ln ? N : 0});
+  check_tensor(fn, "xa_rows", s.xa_rows, dev, dt, {qr.compact() ? qr.n : 0, d});
+  check_tensor(fn, "xb_rows", s.xb_rows, dev, dt, {kr.compact() ? kr.n : 0, d});
+  const at::Tensor& xa_c = qr.compact() ? s.xa_rows : xa;
+  const at::Tensor& xb_c = kr.compact() ? s.xb_rows : xb;
 
-  // dg_pre and dxp exist on the rows x' is stored on (packed like it on the compact path)
-  at::Tensor dg_pre = scratch(kSlotA, {qr.n, d}, opts), dxp = scratch(kSlotB, {qr.n, d}, opts),
-             dxa = recycled_empty({N, d}, opts);
+  // dg_pre and dxp exist on the rows x' is stored on
+  at::Tensor dg_pre = scratch(kSlotA, {qr.n, d}, x_a.options()), dxp = scratch(kSlotB, {qr.n, d}, x_a.options()),
+             dxa = recycled_empty({N, d}, x_a.options());
+  const auto opts = x_a.options();
   at::Tensor dln_w = at::empty({ln ? d : 0}, opts), dln_b = at::empty({ln ? d : 0}, opts),
              db2 = at::empty({d}, opts);
-  // bo's gradient is the column sum of dxp = (the gate pass's part) + dh W1b. On the compact path
-  // (every stored row sees a key) the first part is summed by the gate pass while it writes the
-  // rows and the second is db1 W1b (column sums commute with the product): no pass over dxp.
-  // The same when every row sees a key; otherwise the dense path zeroes keyless rows of dxp
-  // after the product, so it sums dxp itself.
+  // bo's gradient is the column sum of dxp = (the gate pass's part) + dh W1b. When every stored
+  // row sees a key the first part is summed by the gate pass while it writes the rows and the
+  // second is db1 W1b (column sums commute with the product): no pass over dxp. Otherwise the
+  // dense path zeroes keyless rows of dxp after the product, so it sums dxp itself.
   at::Tensor dbo = at::empty({d}, opts);
   const bool every_row_has_key = qr.stored_rows_see_keys();
   at::Tensor dxp_sum = every_row_has_key ? dbo : at::Tensor();
   {
     RECORD_FUNCTION("gca::gate_out_bwd", std::vector<c10::IValue>());  // named in profiles
-    K.gate_out_bwd(dy.view({N, d}), dcos.view({N}), xa, xp, g, opt(ln_w), mean, rstd, dg_pre, db2,
-                   dxp, dxa, dln_w, dln_b, dxp_sum, act, dmc);
+    K.gate_out_bwd(dy.view({N, d}), dcos.view({N}), xa, s.xp, s.g, w.ln_w, s.mean, s.rstd,
+                   dg_pre, db2, dxp, dxa, dln_w, dln_b, dxp_sum, cfg.activation, dmc);
   }
 
   // Temporaries live in the scratch slots, reused once dead (the custom op keeps every saved
-  // tensor alive until it returns, so unlike eager autograd nothing is freed early: reuse keeps
-  // the peak below eager's).
-  // dg_pre is dz * x' * act': zero on the rows without a visible key, which the compact path skips.
-  const at::Tensor h_c = h.narrow(0, 0, qr.n);
-  at::Tensor dw2 = weight_grad(dg_pre, h_c);
+  // tensor alive until it returns, so nothing is freed early: reuse keeps the peak low).
+  // dg_pre is dz * x' * act': zero on the rows without a visible key, which are not stored.
+  at::Tensor dw2 = weight_grad(dg_pre, s.h);
   at::Tensor dh = scratch(kSlotC, {qr.n, hid}, opts);
-  product_into(dh, dg_pre, w2);
+  product_into(dh, dg_pre, w.w2);
   at::Tensor db1 = at::empty({hid}, opts);
   {
     RECORD_FUNCTION("gca::relu_bwd_sum", std::vector<c10::IValue>());  // named in profiles
-    K.relu_bwd_sum(dh, h_c, db1);  // relu': h was stored post-relu
+    K.relu_bwd_sum(dh, s.h, db1);  // relu': h was stored post-relu
   }
-  const at::Tensor xa_c = xa_g.size(0) ? xa_g : qr.gather(xa, kSlotXa);
   // dW1's two column halves written in place (strided outputs), not concatenated afterwards
   at::Tensor dw1 = recycled_empty({hid, 2 * d}, opts);
   {
     at::Tensor dw1a = dw1.narrow(1, 0, d), dw1b = dw1.narrow(1, d, d);
     weight_grad_into(dw1a, dh, xa_c);
-    weight_grad_into(dw1b, dh, xp.narrow(0, 0, qr.n));
+    weight_grad_into(dw1b, dh, s.xp);
   }
   at::Tensor dxa_c;  // compact path: the part of dx_a on the active rows not yet in dxa
   if (qr.compact()) {
@@ -722,7 +698,7 @@ std::vector<at::Tensor> gca_backward(
   dxp.addmm_(dh, w1b);
   dh.reset();
   // x' is the constant 0 on rows without a visible key: nothing flows back through them
-  if (!every_row_has_key) dxp.mul_(lse.narrow(1, 0, 1).isfinite().to(dt));
+  if (!every_row_has_key) dxp.mul_(s.lse.narrow(1, 0, 1).isfinite().to(dt));
 
   if (every_row_has_key) {
     dbo.addmv_(w1b.t(), db1);
@@ -730,58 +706,52 @@ std::vector<at::Tensor> gca_backward(
     RECORD_FUNCTION("gca::col_sum", std::vector<c10::IValue>());  // named in profiles
     K.col_sum(dxp, dbo);
   }
-  // o packed like x' on the compact path
-  at::Tensor dwo = weight_grad(dxp, o.narrow(0, 0, qr.n));
-  product_into(dg_pre, dxp, wo);
+  at::Tensor dwo = weight_grad(dxp, s.o);
+  product_into(dg_pre, dxp, w.wo);
   at::Tensor dout = dg_pre;        // dg_pre is dead: its buffer takes d(o)
   at::Tensor dq = std::move(dxp);  // dxp dies as d(o) is formed: dq takes it
   at::Tensor dkv = scratch(kSlotDkv, {kr.n, 2 * d}, opts);  // compact: unpadded keys only
   if (dev != c10::DeviceType::CPU) dkv.zero_();  // the CPU kernel zeroes it block by block
   {
     RECORD_FUNCTION("gca::attn_bwd", std::vector<c10::IValue>());  // named in profiles
-    K.attn_bwd(q, kv, o, dout, lse, opt(kpm), opt(am), dq, dkv, dmc);
+    K.attn_bwd(s.q, s.kv, s.o, dout, s.lse, opt(kpm), opt(am), dq, dkv, dmc);
   }
   dout.reset();
   dg_pre.reset();
-  dxp.reset();
 
-  at::Tensor dq_c = std::move(dq);  // compact on the compact path
-  at::Tensor dwq = weight_grad(dq_c, xa_c);
+  at::Tensor dwq = weight_grad(dq, xa_c);
   at::Tensor dbq = at::empty({d}, opts);
   {
     RECORD_FUNCTION("gca::col_sum", std::vector<c10::IValue>());  // named in profiles
-    K.col_sum(dq_c, dbq);
+    K.col_sum(dq, dbq);
   }
   if (qr.compact()) {
-    dxa_c.addmm_(dq_c, wq);
+    dxa_c.addmm_(dq, w.wq);
     qr.add_into(dxa_c, dxa);
     dxa_c.reset();
   } else {
-    dxa.addmm_(dq_c, wq);
+    dxa.addmm_(dq, w.wq);
   }
-  dq_c.reset();
-  at::Tensor dkv_c = std::move(dkv);
-  // (d(o)'s slot is free again for the gather)
-  at::Tensor dwkv = weight_grad(dkv_c, xb_g.size(0) ? xb_g : kr.gather(xb, kSlotA));
+  dq.reset();
+  at::Tensor dwkv = weight_grad(dkv, xb_c);
   // The k and v bias gradients without a pass over dkv. Each row of p (per head) sums to 1 where
   // the query sees a key, and d(o) is 0 on the rows that see none, so the column sums of
   // dv = p^T d(o) are those of d(o) = dxp Wo: dbv = dbo Wo. Softmax ignores a constant added
   // to a row's scores, so the rows of ds sum to 0 and dbk = sum_j ds_j^T q = 0 exactly (summed
   // from dk it would be rounding noise).
-  at::Tensor dbk = at::zeros({d}, opts), dbv = at::mv(wo.t(), dbo);
-  const at::Tensor wkv = at::cat({wk, wv});
+  at::Tensor dbk = at::zeros({d}, opts), dbv = at::mv(w.wo.t(), dbo);
+  const at::Tensor wkv = at::cat({w.wk, w.wv});
   // dense path: the product is dx_b itself (an output, so never in scratch)
   at::Tensor dxb;
   if (kr.compact()) {
     at::Tensor dxb_c = scratch(kSlotC, {kr.n, d}, opts);
-    product_into(dxb_c, dkv_c, wkv);
+    product_into(dxb_c, dkv, wkv);
     dxb = kr.scatter(dxb_c);
   } else {
-    dxb = product(dkv_c, wkv);
+    dxb = product(dkv, wkv);
   }
-  // custom ops may not return aliasing outputs: split the stacked k/v weight gradient into copies
-  // (two d x d copies cost less than a second pass over the rows that separate products of dk
-  // and dv would need: measured)
+  // custom ops may not return aliasing outputs: the stacked k/v weight gradient is split into
+  // copies
   const auto half = [&](const at::Tensor& t, int64_t i) {
     const at::Tensor part = t.narrow(0, i * d, d);
     return recycled_empty(part.sizes(), opts).copy_(part);
@@ -789,6 +759,24 @@ std::vector<at::Tensor> gca_backward(
   return {dxa.view({dm.B, dm.La, d}), dxb.view({dm.B, dm.Lb, d}), dwq, dbq,
           half(dwkv, 0), dbk, half(dwkv, 1), dbv, dwo, dbo, dw1, db1, dw2,
           db2, dln_w, dln_b};
+}
+
+std::vector<at::Tensor> gca_forward_entry(const DeviceBackend& be, const at::Tensor& x_a,
+                                          const at::Tensor& x_b, const TensorList& weights, const OptT& ln_w, const OptT& ln_b,
+                                          const OptT& kpm, const OptT& am, int64_t n_heads,
+                                          int64_t activation, double ln_eps) {
+  return gca_forward(be, x_a, x_b, GCAWeights::from_list("gca_fwd", weights, ln_w, ln_b), kpm, am,
+                     GCAConfig{n_heads, activation, ln_eps});
+}
+
+std::vector<at::Tensor> gca_backward_entry(const DeviceBackend& be, const at::Tensor& dy,
+                                           const at::Tensor& dcos, const at::Tensor& x_a,
+                                           const at::Tensor& x_b, const TensorList& weights, const OptT& ln_w, const OptT& ln_b,
+                                           const OptT& kpm, const OptT& am,
+                                           const std::vector<at::Tensor>& saved, int64_t n_heads,
+                                           int64_t activation, double ln_eps) {
+  return gca_backward(be, dy, dcos, x_a, x_b, GCAWeights::from_list("gca_bwd", weights, ln_w, ln_b), kpm, am,
+                      GCASaved::from_list("gca_bwd", saved), GCAConfig{n_heads, activation, ln_eps});
 }
 
 }  // namespace gca

@@ -117,46 +117,75 @@ void parallel_for_as_caller(int64_t begin, int64_t end, int64_t grain, const F& 
   });
 }
 
-// Checks every argument (device, dtype, shape, contiguity) and names the one that is wrong.
-Dims check_gca_args(const char* fn, c10::DeviceType dev, const std::vector<at::ScalarType>& dtypes,
-                    const at::Tensor& x_a, const at::Tensor& x_b, const at::Tensor& wq,
-                    const at::Tensor& bq, const at::Tensor& wk, const at::Tensor& bk,
-                    const at::Tensor& wv, const at::Tensor& bv, const at::Tensor& wo,
-                    const at::Tensor& bo, const at::Tensor& w1, const at::Tensor& b1,
-                    const at::Tensor& w2, const at::Tensor& b2, const OptT& ln_w,
-                    const OptT& ln_b, const OptT& kpm, const OptT& am, int64_t n_heads,
-                    int64_t act);
+// The operator's parameters, named once: the C++ image of gca_kernels.GCAParams, in its order
+// (wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, then ln_w, ln_b: undefined = no LayerNorm).
+struct GCAWeights {
+  static constexpr size_t kCount = 12;  // the list before ln_w, ln_b
+  at::Tensor wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b;
+  bool layer_norm() const { return ln_w.defined(); }
+  static GCAWeights from_list(const char* fn, const std::vector<at::Tensor>& list,
+                              const std::optional<at::Tensor>& ln_w,
+                              const std::optional<at::Tensor>& ln_b);
+};
 
-// Returns y, cos, and what the backward needs: q, kv, o, lse, xp, h, g, mean, rstd, and the
-// gathered rows of x_a and x_b on the CPU's compact path ((0, d) elsewhere, and always when
-// custom_op: a custom op's outputs have shapes known in advance and deterministic contents,
-// so the unused rows of the packed intermediates are zeroed too).
-std::vector<at::Tensor> gca_forward(const GCAKernels& K, const char* fn, c10::DeviceType dev,
-                                    const std::vector<at::ScalarType>& dtypes,
-                                    const at::Tensor& x_a, const at::Tensor& x_b,
-                                    const at::Tensor& wq, const at::Tensor& bq,
-                                    const at::Tensor& wk, const at::Tensor& bk,
-                                    const at::Tensor& wv, const at::Tensor& bv,
-                                    const at::Tensor& wo, const at::Tensor& bo,
-                                    const at::Tensor& w1, const at::Tensor& b1,
-                                    const at::Tensor& w2, const at::Tensor& b2,
-                                    const OptT& ln_w, const OptT& ln_b, const OptT& kpm,
-                                    const OptT& am, int64_t n_heads, int64_t act, double ln_eps,
-                                    bool custom_op);
+// The operator's scalar arguments.
+struct GCAConfig {
+  int64_t n_heads;
+  int64_t activation;  // Activation
+  double ln_eps;
+};
+
+// What the forward keeps for the backward, in this order as a list. N = B La query rows, M = B Lb
+// key rows; nq and nk are the rows the products ran on (the active rows on the CPU's compact
+// path, else N and M): q, o, xp, g (nq, d), h (nq, hidden), kv (nk, 2d) = [k | v], lse (N, H)
+// (+inf: no visible key), mean, rstd (N, or 0 without LayerNorm; accumulation dtype), and the
+// gathered rows of x_a (nq, d) and x_b (nk, d) on the compact path ((0, d) elsewhere).
+struct GCASaved {
+  static constexpr size_t kCount = 11;
+  at::Tensor q, kv, o, lse, xp, h, g, mean, rstd, xa_rows, xb_rows;
+  std::vector<at::Tensor> list() const {
+    return {q, kv, o, lse, xp, h, g, mean, rstd, xa_rows, xb_rows};
+  }
+  static GCASaved from_list(const char* fn, const std::vector<at::Tensor>& list);
+};
+
+// One device's implementation: its name in messages, device type, dtypes and row kernels.
+struct DeviceBackend {
+  const char* name;  // "cpp", "cuda"
+  c10::DeviceType device;
+  std::vector<at::ScalarType> dtypes;
+  GCAKernels kernels;
+};
+
+// Checks every argument (device, dtype, shape, contiguity) and names the one that is wrong.
+Dims check_gca_args(const char* fn, const DeviceBackend& be, const at::Tensor& x_a,
+                    const at::Tensor& x_b, const GCAWeights& w, const OptT& kpm, const OptT& am,
+                    const GCAConfig& cfg);
+
+// Returns y (B, La, d), cos (B, La), then GCASaved::list().
+std::vector<at::Tensor> gca_forward(const DeviceBackend& be, const at::Tensor& x_a,
+                                    const at::Tensor& x_b, const GCAWeights& w, const OptT& kpm,
+                                    const OptT& am, const GCAConfig& cfg);
 
 // Returns dx_a, dx_b, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dw1, db1, dw2, db2, dln_w, dln_b
 // (the last two empty when LayerNorm is off).
-std::vector<at::Tensor> gca_backward(
-    const GCAKernels& K, const char* fn, c10::DeviceType dev,
-    const std::vector<at::ScalarType>& dtypes, const at::Tensor& dy, const at::Tensor& dcos,
-    const at::Tensor& x_a, const at::Tensor& x_b, const at::Tensor& wq, const at::Tensor& bq,
-    const at::Tensor& wk, const at::Tensor& bk, const at::Tensor& wv, const at::Tensor& bv,
-    const at::Tensor& wo, const at::Tensor& bo, const at::Tensor& w1, const at::Tensor& b1,
-    const at::Tensor& w2, const at::Tensor& b2, const OptT& ln_w, const OptT& ln_b,
-    const OptT& kpm, const OptT& am, const at::Tensor& q, const at::Tensor& kv,
-    const at::Tensor& o, const at::Tensor& lse, const at::Tensor& xp, const at::Tensor& h,
-    const at::Tensor& g, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& xa_g,
-    const at::Tensor& xb_g, int64_t n_heads, int64_t act, double ln_eps);
+std::vector<at::Tensor> gca_backward(const DeviceBackend& be, const at::Tensor& dy,
+                                     const at::Tensor& dcos, const at::Tensor& x_a,
+                                     const at::Tensor& x_b, const GCAWeights& w, const OptT& kpm,
+                                     const OptT& am, const GCASaved& saved, const GCAConfig& cfg);
+
+// The bound entry points' shared body: the list arguments turned into the structs above.
+using TensorList = std::vector<at::Tensor>;
+std::vector<at::Tensor> gca_forward_entry(const DeviceBackend& be, const at::Tensor& x_a,
+                                          const at::Tensor& x_b, const TensorList& weights, const OptT& ln_w, const OptT& ln_b,
+                                          const OptT& kpm, const OptT& am, int64_t n_heads,
+                                          int64_t activation, double ln_eps);
+std::vector<at::Tensor> gca_backward_entry(const DeviceBackend& be, const at::Tensor& dy,
+                                           const at::Tensor& dcos, const at::Tensor& x_a,
+                                           const at::Tensor& x_b, const TensorList& weights, const OptT& ln_w, const OptT& ln_b,
+                                           const OptT& kpm, const OptT& am,
+                                           const std::vector<at::Tensor>& saved, int64_t n_heads,
+                                           int64_t activation, double ln_eps);
 
 // Shared checks of the cosine-alignment entry points; returns the number of rows.
 int64_t check_cos_args(const char* fn, c10::DeviceType dev,

@@ -1077,39 +1077,26 @@ void col_sum_cpu(const at::Tensor& x, at::Tensor& out) {
                                           x.size(0), x.size(1), out.data_ptr<scalar_t>()));
 }
 
-const GCAKernels kCpuKernels{attn_fwd_cpu,  xprime_fwd_cpu,   gate_out_fwd_cpu,
-                             gate_out_bwd_cpu, bias_relu_cpu, relu_bwd_sum_cpu,
-                             col_sum_cpu,   attn_bwd_cpu};
-const std::vector<at::ScalarType> kCpuDtypes{at::kFloat, at::kDouble};
+const DeviceBackend kCpuBackend{
+    "cpp", c10::DeviceType::CPU, {at::kFloat, at::kDouble},
+    GCAKernels{attn_fwd_cpu, xprime_fwd_cpu, gate_out_fwd_cpu, gate_out_bwd_cpu, bias_relu_cpu,
+               relu_bwd_sum_cpu, col_sum_cpu, attn_bwd_cpu}};
 
 }  // namespace
 
 std::vector<at::Tensor> gca_fwd_cpu(const at::Tensor& x_a, const at::Tensor& x_b,
-                                    const at::Tensor& wq, const at::Tensor& bq,
-                                    const at::Tensor& wk, const at::Tensor& bk,
-                                    const at::Tensor& wv, const at::Tensor& bv,
-                                    const at::Tensor& wo, const at::Tensor& bo,
-                                    const at::Tensor& w1, const at::Tensor& b1,
-                                    const at::Tensor& w2, const at::Tensor& b2, const OptT& ln_w,
-                                    const OptT& ln_b, const OptT& kpm, const OptT& am,
-                                    int64_t n_heads, int64_t act, double ln_eps, bool custom_op) {
-  return gca_forward(kCpuKernels, "gca_fwd (cpp)", c10::DeviceType::CPU, kCpuDtypes, x_a, x_b,
-                     wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b, kpm, am, n_heads,
-                     act, ln_eps, custom_op);
+                                    const TensorList& weights, const OptT& ln_w, const OptT& ln_b, const OptT& kpm, const OptT& am,
+                                    int64_t n_heads, int64_t activation, double ln_eps) {
+  return gca_forward_entry(kCpuBackend, x_a, x_b, weights, ln_w, ln_b, kpm, am, n_heads, activation, ln_eps);
 }
 
-std::vector<at::Tensor> gca_bwd_cpu(
-    const at::Tensor& dy, const at::Tensor& dcos, const at::Tensor& x_a, const at::Tensor& x_b,
-    const at::Tensor& wq, const at::Tensor& bq, const at::Tensor& wk, const at::Tensor& bk,
-    const at::Tensor& wv, const at::Tensor& bv, const at::Tensor& wo, const at::Tensor& bo,
-    const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
-    const OptT& ln_w, const OptT& ln_b, const OptT& kpm, const OptT& am, const at::Tensor& q,
-    const at::Tensor& kv, const at::Tensor& o, const at::Tensor& lse, const at::Tensor& xp,
-    const at::Tensor& h, const at::Tensor& g, const at::Tensor& mean, const at::Tensor& rstd,
-    const at::Tensor& xa_g, const at::Tensor& xb_g, int64_t n_heads, int64_t act, double ln_eps) {
-  return gca_backward(kCpuKernels, "gca_bwd (cpp)", c10::DeviceType::CPU, kCpuDtypes, dy, dcos,
-                      x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b, kpm,
-                      am, q, kv, o, lse, xp, h, g, mean, rstd, xa_g, xb_g, n_heads, act, ln_eps);
+std::vector<at::Tensor> gca_bwd_cpu(const at::Tensor& dy, const at::Tensor& dcos,
+                                    const at::Tensor& x_a, const at::Tensor& x_b,
+                                    const TensorList& weights, const OptT& ln_w, const OptT& ln_b, const OptT& kpm, const OptT& am,
+                                    const std::vector<at::Tensor>& saved, int64_t n_heads,
+                                    int64_t activation, double ln_eps) {
+  return gca_backward_entry(kCpuBackend, dy, dcos, x_a, x_b, weights, ln_w, ln_b, kpm, am, saved, n_heads,
+                            activation, ln_eps);
 }
 
 }  // namespace gca

@@ -438,43 +438,30 @@ void relu_bwd_sum_cuda(at::Tensor& dh, const at::Tensor& h, at::Tensor& db1) {
 }
 void col_sum_cuda(const at::Tensor& x, at::Tensor& out) { at::sum_out(out, x, 0); }
 
-const GCAKernels kCudaKernels{attn_fwd_cuda,     xprime_fwd_cuda, gate_out_fwd_cuda,
-                              gate_out_bwd_cuda, bias_relu_cuda,  relu_bwd_sum_cuda,
-                              col_sum_cuda,      attn_bwd_cuda};
-const std::vector<at::ScalarType> kCudaDtypes{at::kFloat, at::kDouble, at::kBFloat16, at::kHalf};
+const DeviceBackend kCudaBackend{
+    "cuda", c10::DeviceType::CUDA, {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf},
+    GCAKernels{attn_fwd_cuda, xprime_fwd_cuda, gate_out_fwd_cuda, gate_out_bwd_cuda,
+               bias_relu_cuda, relu_bwd_sum_cuda, col_sum_cuda, attn_bwd_cuda}};
 
 }  // namespace
 
 std::vector<at::Tensor> gca_fwd_cuda(const at::Tensor& x_a, const at::Tensor& x_b,
-                                     const at::Tensor& wq, const at::Tensor& bq,
-                                     const at::Tensor& wk, const at::Tensor& bk,
-                                     const at::Tensor& wv, const at::Tensor& bv,
-                                     const at::Tensor& wo, const at::Tensor& bo,
-                                     const at::Tensor& w1, const at::Tensor& b1,
-                                     const at::Tensor& w2, const at::Tensor& b2, const OptT& ln_w,
-                                     const OptT& ln_b, const OptT& kpm, const OptT& am,
-                                     int64_t n_heads, int64_t act, double ln_eps, bool custom_op) {
+                                     const TensorList& weights, const OptT& ln_w, const OptT& ln_b, const OptT& kpm, const OptT& am,
+                                     int64_t n_heads, int64_t activation, double ln_eps) {
   TORCH_CHECK(x_a.is_cuda(), "gca_fwd (cuda): x_a must be a CUDA tensor, got one on ", x_a.device());
   const c10::cuda::CUDAGuard guard(x_a.device());
-  return gca_forward(kCudaKernels, "gca_fwd (cuda)", c10::DeviceType::CUDA, kCudaDtypes, x_a,
-                     x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b, kpm, am,
-                     n_heads, act, ln_eps, custom_op);
+  return gca_forward_entry(kCudaBackend, x_a, x_b, weights, ln_w, ln_b, kpm, am, n_heads, activation, ln_eps);
 }
 
-std::vector<at::Tensor> gca_bwd_cuda(
-    const at::Tensor& dy, const at::Tensor& dcos, const at::Tensor& x_a, const at::Tensor& x_b,
-    const at::Tensor& wq, const at::Tensor& bq, const at::Tensor& wk, const at::Tensor& bk,
-    const at::Tensor& wv, const at::Tensor& bv, const at::Tensor& wo, const at::Tensor& bo,
-    const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
-    const OptT& ln_w, const OptT& ln_b, const OptT& kpm, const OptT& am, const at::Tensor& q,
-    const at::Tensor& kv, const at::Tensor& o, const at::Tensor& lse, const at::Tensor& xp,
-    const at::Tensor& h, const at::Tensor& g, const at::Tensor& mean, const at::Tensor& rstd,
-    const at::Tensor& xa_g, const at::Tensor& xb_g, int64_t n_heads, int64_t act, double ln_eps) {
+std::vector<at::Tensor> gca_bwd_cuda(const at::Tensor& dy, const at::Tensor& dcos,
+                                     const at::Tensor& x_a, const at::Tensor& x_b,
+                                     const TensorList& weights, const OptT& ln_w, const OptT& ln_b, const OptT& kpm, const OptT& am,
+                                     const std::vector<at::Tensor>& saved, int64_t n_heads,
+                                     int64_t activation, double ln_eps) {
   TORCH_CHECK(x_a.is_cuda(), "gca_bwd (cuda): x_a must be a CUDA tensor, got one on ", x_a.device());
   const c10::cuda::CUDAGuard guard(x_a.device());
-  return gca_backward(kCudaKernels, "gca_bwd (cuda)", c10::DeviceType::CUDA, kCudaDtypes, dy,
-                      dcos, x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b,
-                      kpm, am, q, kv, o, lse, xp, h, g, mean, rstd, xa_g, xb_g, n_heads, act, ln_eps);
+  return gca_backward_entry(kCudaBackend, dy, dcos, x_a, x_b, weights, ln_w, ln_b, kpm, am, saved, n_heads,
+                            activation, ln_eps);
 }
 
 }  // namespace gca

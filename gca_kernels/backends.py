@@ -24,7 +24,7 @@ AUTO_ORDER = {"cuda": ("triton", "cuda", "eager"), "cpu": ("cpp", "eager")}
 _BACKEND_MODULES = {
     "triton": ("gca_kernels.ops.triton_gca", "gca_kernels.ops.triton_cosine"),
     "cpp": ("gca_kernels.ops.cpp",),
-    "cuda": ("gca_kernels.ops.cpp",),
+    "cuda": ("gca_kernels.ops.cuda",),
 }
 
 

@@ -24,9 +24,7 @@ if "cpp" not in gca_kernels.available_backends():
 
     pytest.skip(f"cpp backend not built: {_LOAD_ERRORS.get('cpp')}", allow_module_level=True)
 
-from gca_kernels.ops import cpp as cpp_ops  # noqa: E402
-
-_C = cpp_ops._C
+from gca_kernels import _C  # noqa: E402
 
 # La != Lb, odd lengths, d in {16, 20, 48, 80, 96, 128}, 1..8 heads, both activations, LN on/off,
 # padding, 2-D/3-D causal masks, fully masked query rows, fully padded batch rows. The head
@@ -321,7 +319,7 @@ def test_deterministic_bitwise():
 def _op_args(case, dtype=torch.float64):
     p = cast_problem(make_problem(case), dtype)
     P = p["params"]
-    leaves = [p["x_a"], p["x_b"], *P[:12], P.ln_w, P.ln_b]
+    leaves = [p["x_a"], p["x_b"], list(P[:12]), P.ln_w, P.ln_b]
     return leaves, p
 
 
@@ -386,7 +384,7 @@ def test_cosine_alignment(shape, absolute, masked):
 
 
 def test_cosine_without_grad_matches_with_grad():
-    # under no_grad (a probe) the extension is called without an autograd node: same value
+    # under no_grad (a probe) no autograd node is recorded: same value
     x, y = torch.randn(4, 50, 64), torch.randn(4, 50, 64)
     mask = torch.rand(4, 50) < 0.5
     with torch.no_grad():
@@ -413,43 +411,30 @@ def test_cosine_bitwise_across_thread_counts():
         assert torch.equal(a, b)
 
 
-def test_cosine_eager_path_matches_the_custom_op_under_compile():
-    # eager calls reach the extension directly, compiled code the custom op: same numbers
-    x = torch.randn(300, 24, requires_grad=True)
-    y = torch.randn(300, 24, requires_grad=True)
-    mask = torch.rand(300) < 0.7
-    f = lambda a, b: gca_kernels.cosine_alignment(a, b, mask=mask, backend="cpp")  # noqa: E731
-    v0 = f(x, y)
-    assert v0.grad_fn is not None and "CosEager" in type(v0.grad_fn).__name__
-    g0 = torch.autograd.grad(v0, (x, y))
-    v1 = torch.compile(f, fullgraph=True)(x, y)
-    g1 = torch.autograd.grad(v1, (x, y))
-    assert torch.equal(v0.detach(), v1.detach())
-    for a, b in zip(g0, g1):
-        assert torch.equal(a, b)
-
-
 @pytest.mark.parametrize("uses", ["y+cos", "y", "cos"])
-def test_gca_eager_path_matches_the_custom_op_bitwise(monkeypatch, uses):
-    # plain eager calls reach the extension through GCAEager, traced ones the custom op: same
-    # numbers, including when only one of the two outputs feeds the loss (the other's gradient
-    # arrives as None and is taken as zero)
-    p = cast_problem(make_problem(Case(3, 9, 7, 16, 2, causal="3d", full_pad_row=True)), torch.float32)
+def test_gca_under_compile_matches_eager_bitwise(uses):
+    # one custom op for eager and compiled calls: the same numbers, including when only one of
+    # the two outputs feeds the loss (the other's gradient arrives as None, taken as zero), on
+    # the compact path (>= 128 rows, about half of them keyless)
+    torch._dynamo.reset()
+    p = cast_problem(make_problem(Case(8, 24, 20, 16, 2, causal="2d", full_pad_row=True)), torch.float32)
 
-    def fwd_bwd():
+    def fwd_bwd(x_a, x_b, *params):
         y, cos = gca_kernels.gated_cross_attention(
-            p["x_a"], p["x_b"], *p["params"][:12], ln_w=p["params"].ln_w, ln_b=p["params"].ln_b,
+            x_a, x_b, *params[:12], ln_w=params[12], ln_b=params[13],
             key_padding_mask=p["key_padding_mask"], attn_mask=p["attn_mask"], n_heads=p["n_heads"],
             activation=p["activation"], need_alignment=True, backend="cpp")
-        loss = {"y+cos": (y * y).sum() + cos.sum(), "y": (y * y).sum(), "cos": cos.sum()}[uses]
-        grads = torch.autograd.grad(loss, list(p["leaves"].values()), allow_unused=True)
-        return y, cos, grads
+        return y, cos
 
-    y0, c0, g0 = fwd_bwd()
-    assert "GCAEager" in type(y0.grad_fn).__name__
-    monkeypatch.setattr(cpp_ops, "_must_use_op", lambda x, y: True)
-    y1, c1, g1 = fwd_bwd()
-    assert "GCAEager" not in type(y1.grad_fn).__name__
+    leaves = list(p["leaves"].values())
+
+    def run(f):
+        y, cos = f(*leaves)
+        loss = {"y+cos": (y * y).sum() + cos.sum(), "y": (y * y).sum(), "cos": cos.sum()}[uses]
+        return y, cos, torch.autograd.grad(loss, leaves, allow_unused=True)
+
+    y0, c0, g0 = run(fwd_bwd)
+    y1, c1, g1 = run(torch.compile(fwd_bwd, fullgraph=True))
     assert torch.equal(y0, y1) and torch.equal(c0, c1)
     for name, a, b in zip(p["leaves"], g0, g1):
         assert (a is None) == (b is None), name
@@ -460,25 +445,29 @@ def test_gca_eager_path_matches_the_custom_op_bitwise(monkeypatch, uses):
 
 def _raw_args(B=2, La=3, Lb=4, d=8, hid=8, dtype=torch.float32):
     t = lambda *s: torch.randn(*s, dtype=dtype)  # noqa: E731
-    return [t(B, La, d), t(B, Lb, d), t(d, d), t(d), t(d, d), t(d), t(d, d), t(d), t(d, d), t(d),
-            t(hid, 2 * d), t(hid), t(d, hid), t(d), t(d), t(d), None, None, 2, 0, 1e-5, True]
+    return [t(B, La, d), t(B, Lb, d), [t(d, d), t(d), t(d, d), t(d), t(d, d), t(d), t(d, d), t(d),
+            t(hid, 2 * d), t(hid), t(d, hid), t(d)], t(d), t(d), None, None, 2, 0, 1e-5]
+
+
+def _set_weight(i, value):
+    return lambda a: a[2].__setitem__(i, value)
 
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda a: a.__setitem__(0, a[0].double()), "x_a has dtype Double"),
     (lambda a: a.__setitem__(0, a[0].long()), "x_a has dtype Long"),
-    (lambda a: a.__setitem__(2, a[2].double()), "wq has dtype Double"),
+    (lambda a: a[2].__setitem__(0, a[2][0].double()), "wq has dtype Double"),
     (lambda a: a.__setitem__(1, torch.randn(3, 4, 8)), r"x_b must have shape \[2, 4, 8\]"),
-    (lambda a: a.__setitem__(4, torch.randn(8, 7)), r"wk must have shape \[8, 8\]"),
-    (lambda a: a.__setitem__(11, torch.randn(9)), r"b1 must have shape \[8\]"),
+    (_set_weight(2, torch.randn(8, 7)), r"wk must have shape \[8, 8\]"),
+    (_set_weight(9, torch.randn(9)), r"b1 must have shape \[8\]"),
     (lambda a: a.__setitem__(0, torch.randn(2, 8, 3).transpose(1, 2)), "x_a .* must be contiguous"),
     (lambda a: a.__setitem__(0, torch.randn(6, 8)), r"x_a must be \(B, La, d\)"),
-    (lambda a: a.__setitem__(16, torch.zeros(2, 5, dtype=torch.bool)), r"key_padding_mask must have shape \(B, Lb\)"),
-    (lambda a: a.__setitem__(16, torch.zeros(2, 4)), "key_padding_mask must be a bool tensor"),
-    (lambda a: a.__setitem__(17, torch.zeros(3, 3, 4, dtype=torch.bool)), "attn_mask must have shape"),
-    (lambda a: a.__setitem__(18, 3), "n_heads=3 must divide d=8"),
-    (lambda a: a.__setitem__(19, 5), "activation code"),
-    (lambda a: a.__setitem__(15, None), "ln_w and ln_b must both be given"),
+    (lambda a: a.__setitem__(5, torch.zeros(2, 5, dtype=torch.bool)), r"key_padding_mask must have shape \(B, Lb\)"),
+    (lambda a: a.__setitem__(5, torch.zeros(2, 4)), "key_padding_mask must be a bool tensor"),
+    (lambda a: a.__setitem__(6, torch.zeros(3, 3, 4, dtype=torch.bool)), "attn_mask must have shape"),
+    (lambda a: a.__setitem__(7, 3), "n_heads=3 must divide d=8"),
+    (lambda a: a.__setitem__(8, 5), "activation code"),
+    (lambda a: a.__setitem__(4, None), "ln_w and ln_b must both be given"),
 ])
 def test_entry_point_argument_checks(mutate, message):
     args = _raw_args()
@@ -497,10 +486,14 @@ def test_entry_point_rejects_meta_device_and_bad_backward_shapes():
     outs = _C.gca_fwd(*args)
     y = outs[0]
     with pytest.raises(RuntimeError, match=r"dy must have shape"):
-        _C.gca_bwd(torch.randn(2, 3, 7), torch.randn(2, 3), *args[:18], *outs[2:], 2, 0, 1e-5)
+        _C.gca_bwd(torch.randn(2, 3, 7), torch.randn(2, 3), *args[:7], outs[2:], 2, 0, 1e-5)
+    bad_lse = [*outs[2:5], torch.zeros(6, 3), *outs[6:]]
     with pytest.raises(RuntimeError, match=r"lse .*shape"):
-        _C.gca_bwd(torch.randn_like(y), torch.randn(2, 3), *args[:18], *outs[2:5],
-                   torch.zeros(6, 3), *outs[6:], 2, 0, 1e-5)
+        _C.gca_bwd(torch.randn_like(y), torch.randn(2, 3), *args[:7], bad_lse, 2, 0, 1e-5)
+    with pytest.raises(RuntimeError, match=r"saved must hold the forward's 11 intermediates"):
+        _C.gca_bwd(torch.randn_like(y), torch.randn(2, 3), *args[:7], outs[2:-1], 2, 0, 1e-5)
+    with pytest.raises(RuntimeError, match=r"weights must hold 12 tensors"):
+        _C.gca_fwd(args[0], args[1], args[2][:11], *args[3:])
 
 
 def test_cosine_entry_point_checks():

@@ -52,9 +52,9 @@ def test_cuda_extension_compiles_every_kernel_and_binds_what_python_calls():
     compiled = "\n".join(_read(s) for s in sources if s != bindings[0])
     for op, fn in bound.items():
         assert re.search(rf"\b{fn}\s*\([^;{{]*\)\s*{{", compiled), f"{op} binds {fn}, defined in no CUDA source"
-    with open(os.path.join(ROOT, "gca_kernels", "ops", "cpp.py")) as f:
+    with open(os.path.join(ROOT, "gca_kernels", "ops", "extension_ops.py")) as f:
         called = set(re.findall(r"\bext\.(\w+)\(", f.read()))
-    assert called and called <= set(bound), f"called by gca_kernels/ops/cpp.py but not bound: {called - set(bound)}"
+    assert called and called <= set(bound), f"called by gca_kernels/ops/extension_ops.py but not bound: {called - set(bound)}"
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: CUDA compile check skipped")
