@@ -1,10 +1,11 @@
-"""`cdsr experiment {table,alignment,scaling}` (also `python -m cdsr.experiments ...`).
+"""`cdsr experiment {table,alignment,scaling,report}` (also `python -m cdsr.experiments ...`).
 
-Each command plans its list of runs from a preset (`--preset tiny|cpu|paper`) and the
+Each experiment plans its list of runs from a preset (`--preset tiny|cpu|paper`) and the
 options given, runs the ones not done yet (resumable: run the same command again after a
 kill), then analyses every finished run into `<out>/report.md`, `<out>/summary.json` and
 PNG figures. `--dry-run` lists the runs; `--analyse-only` rebuilds the report from the runs
-already finished.
+already finished. `report` rebuilds docs/results.md's generated tables from the
+summary.json files committed under docs/results/<name>/.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def _common(p: argparse.ArgumentParser, name: str) -> None:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add `experiment` (with `table`, `alignment`, `scaling`) to a `cdsr` sub-parser set."""
     exp = subparsers.add_parser("experiment", help="reproduce the paper's tables, alignment and scaling findings")
-    sub = exp.add_subparsers(dest="experiment", required=True, metavar="{table,alignment,scaling}")
+    sub = exp.add_subparsers(dest="experiment", required=True, metavar="{table,alignment,scaling,report}")
 
     t = sub.add_parser("table", help="bare vs GCA_early vs GCA_stack, per backbone and dataset, over seeds")
     _common(t, "table")
@@ -130,6 +131,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also run the parameter-matched bare baseline (scale_to_match) (default: on when every "
                         "backbone has the key)")
     s.add_argument("--no-matched", dest="matched", action="store_false", help="no parameter-matched baseline")
+    r = sub.add_parser("report", help="rebuild docs/results.md's generated tables from docs/results/<name>/summary.json")
+    r.add_argument("--results", default="docs/results", metavar="DIR",
+                   help="folder of <name>/summary.json, each an experiment's summary.json copied there "
+                        "(default: docs/results)")
+    r.add_argument("--doc", default="docs/results.md", metavar="FILE",
+                   help="markdown file whose <!-- results:NAME --> blocks are rewritten; a summary without "
+                        "one gets a section appended (default: docs/results.md)")
     return exp
 
 
@@ -212,6 +220,10 @@ def _exit_on_sigterm():
 def handle(args: argparse.Namespace) -> int:
     """Run (or, with --analyse-only, only report on) the experiment named by args.experiment."""
     name = args.experiment
+    if name == "report":
+        done = report.rebuild_doc(Path(args.results), Path(args.doc), EXPERIMENTS)
+        print(f"{args.doc}: rebuilt {', '.join(done)} from {args.results}/<name>/summary.json")
+        return 0
     try:
         planned = plan(args)
     except DataError:
@@ -255,7 +267,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{experiment}")
     add_parser(sub)
     # Also accept the experiment name directly: `python -m cdsr.experiments table ...`.
-    if argv and argv[0] in EXPERIMENTS:
+    if argv and (argv[0] in EXPERIMENTS or argv[0] == "report"):
         argv = ["experiment"] + argv
     args = parser.parse_args(argv)
     args.argv = argv

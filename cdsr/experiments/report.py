@@ -1,4 +1,12 @@
-"""An experiment's `report.md` and `summary.json`: what ran, then the analysis."""
+"""An experiment's `report.md` and `summary.json`: what ran, then the analysis; and
+`cdsr experiment report`, which rebuilds docs/results.md's tables from committed summaries.
+
+summary.json holds `runs`: one record per finished run (`run_record`), enough to redo the
+experiment's analysis without the run folders: `rows_from_summary` turns the records back
+into the rows the experiments' `analyse` reads. docs/results.md keeps its prose; each
+experiment's generated part sits between `<!-- results:NAME -->` and `<!-- /results:NAME -->`
+(NAME = the folder under docs/results/), and only that part is rewritten.
+"""
 
 from __future__ import annotations
 
@@ -99,8 +107,95 @@ def write(out_dir: Path, experiment: str, manifest: Dict[str, Any], rows: List[D
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     atomic_write_json(_clean({"experiment": experiment, "what_ran": info, "meta": meta,
-                              **(analysis.get("summary") or {})}), out_dir / "summary.json")
+                              **(analysis.get("summary") or {}), "runs": run_records(manifest, rows)}),
+                      out_dir / "summary.json")
     return path
+
+
+def early_stopped(results: Dict[str, Any]) -> bool:
+    """Early stopping ended the run (not the epoch cap). Results written before the trainer
+    recorded it: a run that stopped before its cap stopped early."""
+    if "early_stopped" in results:
+        return bool(results["early_stopped"])
+    return int(results.get("epochs_run", 0)) < int((results.get("config") or {}).get("epochs", 0))
+
+
+def run_record(entry: Dict[str, Any], results: Dict[str, Any], preset: Any) -> Dict[str, Any]:
+    """One run of summary.json: what it was, how its training ended, its test metrics per
+    domain and its alignment probes. Tracked runs keep their per-epoch history (the
+    alignment experiment's curves)."""
+    cfg = results.get("config") or entry.get("config") or {}
+    rec = {
+        "id": entry["id"], "labels": entry["labels"], "model": cfg.get("model"), "data": cfg.get("data"),
+        "gca_positions": list(cfg.get("gca_positions") or []), "seed": cfg.get("seed"), "preset": preset,
+        "epochs_run": results.get("epochs_run"), "max_epochs": cfg.get("epochs"),
+        "best_epoch": results.get("best_epoch"), "early_stopped": early_stopped(results),
+        "n_params": results.get("n_params"), "n_params_target": results.get("n_params_target"),
+        "test": results.get("test"), "alignment": results.get("alignment") or {},
+        "wall_time_s": results.get("wall_time_s"),
+        "config": {"early_stop_metric": cfg.get("early_stop_metric")},
+    }
+    if entry.get("track_valid"):
+        rec["history"] = results.get("history") or []
+    return rec
+
+
+def run_records(manifest: Dict[str, Any], rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    entries = {r["id"]: r for r in manifest["runs"]}
+    preset = (manifest.get("meta") or {}).get("preset")
+    return [run_record(entries.get(r["id"], {"id": r["id"], "labels": r["labels"]}), r["results"], preset)
+            for r in rows]
+
+
+def rows_from_summary(summary: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The `analyse` rows ({"id", "labels", "results"}) of a summary.json's run records."""
+    return [{"id": rec["id"], "labels": rec["labels"], "results": rec} for rec in summary.get("runs") or []]
+
+
+def _marked(name: str) -> tuple:
+    return f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
+
+
+def rebuild_doc(results_dir: Path, doc: Path, experiments: Dict[str, Any]) -> List[str]:
+    """Rewrite `doc`'s generated block of every results_dir/<name>/summary.json from its run
+    records (figures go next to the summary); a summary without a block in `doc` gets one
+    appended. Returns the names rebuilt. `experiments` maps an experiment name to its module."""
+    results_dir, doc = Path(results_dir), Path(doc)
+    summaries = sorted(results_dir.glob("*/summary.json"))
+    if not summaries:
+        raise FileNotFoundError(f"no <name>/summary.json under {results_dir}")
+    text = doc.read_text() if doc.is_file() else "# Results\n"
+    done = []
+    for path in summaries:
+        name = path.parent.name
+        summary = json.loads(path.read_text())
+        kind = summary.get("experiment")
+        if kind not in experiments:
+            raise ValueError(f"{path}: experiment {kind!r} is not one of {', '.join(experiments)}")
+        rows = rows_from_summary(summary)
+        if not rows:
+            raise ValueError(f"{path} holds no run records (runs); write it with this version of cdsr")
+        analysis = experiments[kind].analyse(rows, path.parent)
+        rel = path.parent.relative_to(doc.parent) if path.parent.is_relative_to(doc.parent) else path.parent
+        body = analysis["markdown"].strip() + "\n"
+        for fig in analysis.get("figures") or []:
+            if fig.get("file"):
+                body += f"\n![{fig['caption']}]({(rel / Path(fig['file']).name).as_posix()})\n"
+        ended = sum(bool(r["results"].get("early_stopped")) for r in rows)
+        source = (f"Generated by `cdsr experiment report` from `{rel / 'summary.json'}` ({len(rows)} runs, "
+                  f"{ended} ended by early stopping, {len(rows) - ended} by their epoch cap).")
+        start, end = _marked(name)
+        block = f"{start}\n{source}\n\n{body.strip()}\n{end}"
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            text = head + block + rest.split(end, 1)[1]
+        else:
+            text = text.rstrip("\n") + f"\n\n## {name}\n\n{block}\n"
+        done.append(name)
+    tmp = doc.with_name(doc.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(doc)
+    return done
 
 
 def dumps(obj: Any) -> str:

@@ -166,3 +166,47 @@ def test_a_killed_sweep_continues(tmp_path):
     assert "already done" in again.stdout and f"done   {first}" not in again.stdout
     assert (out / "runs" / first / "results.json").stat().st_mtime_ns == stamp
     assert all(r["status"] == "done" for r in json.loads((out / "manifest.json").read_text())["runs"])
+
+
+def test_summary_has_one_record_per_run(outputs):
+    root, _ = outputs
+    table = _strict_json(root / "table" / "summary.json")
+    manifest = json.loads((root / "table" / "manifest.json").read_text())
+    recs = {r["id"]: r for r in table["runs"]}
+    assert set(recs) == {r["id"] for r in manifest["runs"]}
+    for entry in manifest["runs"]:
+        rec = recs[entry["id"]]
+        res = json.loads((root / "table" / "runs" / entry["id"] / "results.json").read_text())
+        assert (rec["model"], rec["data"], rec["seed"], rec["preset"]) == ("sasrec", "synthetic", entry["labels"]["seed"], "tiny")
+        assert rec["gca_positions"] == entry["labels"]["positions"]
+        assert (rec["epochs_run"], rec["best_epoch"], rec["n_params"]) == (res["epochs_run"], res["best_epoch"], res["n_params"])
+        # tiny: 2 epochs under patience 5, so the cap ended every run
+        assert rec["early_stopped"] is False and rec["max_epochs"] == 2
+        assert rec["test"]["A"]["ndcg@10"] == res["test"]["A"]["ndcg@10"] and rec["alignment"] == res["alignment"]
+    tracked = [r for r in _strict_json(root / "alignment" / "summary.json")["runs"] if "history" in r]
+    assert len(tracked) == 2 and all(len(r["history"]) == 3 for r in tracked)
+
+
+def test_report_rebuilds_the_results_doc_from_summaries(outputs, tmp_path, capsys):
+    root, _ = outputs
+    results = tmp_path / "docs" / "results"
+    for name in ("table", "scaling"):
+        (results / name).mkdir(parents=True)
+        (results / name / "summary.json").write_text((root / name / "summary.json").read_text())
+    doc = tmp_path / "docs" / "results.md"
+    doc.write_text("# Results\n\nprose kept\n\n<!-- results:table -->\nstale\n<!-- /results:table -->\n\nmore prose\n")
+    assert cli.main(["report", "--results", str(results), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert "stale" not in text and "prose kept" in text and "more prose" in text
+    table_block = text.split("<!-- results:table -->")[1].split("<!-- /results:table -->")[0]
+    assert "## Table 1 layout" in table_block and "+ GCA_stack GCA[0,1]" in table_block
+    assert "(6 runs, 0 ended by early stopping, 6 by their epoch cap)" in table_block
+    # the same numbers as the report written from the run folders
+    row = next(line for line in (root / "table" / "report.md").read_text().splitlines() if line.startswith("| sasrec |"))
+    assert row in table_block
+    assert "## scaling" in text and "<!-- /results:scaling -->" in text
+    again = text
+    assert cli.main(["report", "--results", str(results), "--doc", str(doc)]) == 0
+    assert doc.read_text() == again, "a rebuild from the same summaries changes nothing"
+    assert cli.main(["report", "--results", str(tmp_path / "none"), "--doc", str(doc)]) == 2
+    assert "no <name>/summary.json" in capsys.readouterr().err
