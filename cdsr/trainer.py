@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -45,6 +46,19 @@ CHECKPOINT = "last.pt"
 BEST = "best.pt"
 RESULTS = "results.json"
 LOG = "train.log"
+
+
+KILL_AT_EPOCH = "CDSR_KILL_AT_EPOCH"
+KILLED_MARKER = "killed.txt"
+
+
+def _fault_injection(out: Path, epoch: int) -> None:
+    """$CDSR_KILL_AT_EPOCH=E: SIGKILL this process right after epoch E's checkpoint, once per
+    run folder (a marker file remembers it): a lost node, for testing that runs resume."""
+    if os.environ.get(KILL_AT_EPOCH) != str(epoch) or (out / KILLED_MARKER).exists():
+        return
+    (out / KILLED_MARKER).write_text(f"killed after epoch {epoch} by ${KILL_AT_EPOCH}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def seed_everything(seed: int) -> None:
@@ -437,6 +451,8 @@ class Trainer:
                          valid["A"]["ndcg@10"], valid["B"]["ndcg@10"], seconds, train_log["users_per_s"],
                          "  *best" if improved else "")
             self.save_checkpoint()
+            if self.ctx.is_main:
+                _fault_injection(self.out, epoch)
         if not self.finished:
             self.finished = True
             self.save_checkpoint()

@@ -77,6 +77,12 @@ def _common(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the runs train (default: cpu)")
     p.add_argument("--workers", type=int, default=None, metavar="W",
                    help=f"runs in parallel (default: 1 on cuda, else the available cores, here {available_cores()})")
+    p.add_argument("--engine", default="local", choices=("local", "dask"),
+                   help="where runs execute: local (a process pool of --workers) or dask (Dask distributed: the "
+                        "cluster at --scheduler, else a LocalCluster of --workers processes) (default: local)")
+    p.add_argument("--scheduler", default=None, metavar="ADDR",
+                   help="Dask scheduler address, e.g. tcp://host:8786, with --engine dask; every worker must see "
+                        "--out and the data at the same paths (default: none)")
     p.add_argument("--threads", type=int, default=None, metavar="T",
                    help="torch threads per run (default: available cores // workers)")
     p.add_argument("--out", default=None, metavar="DIR", help=f"output folder (default: runs/experiments/{name})")
@@ -160,6 +166,8 @@ def plan(args) -> Dict[str, Any]:
     epochs = args.epochs if args.epochs is not None else p.get(name, {}).get("epochs", p["epochs"])
     if epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+    if args.scheduler and args.engine != "dask":
+        raise ConfigError("--scheduler needs --engine dask")
     workers, threads, cores = _resources(args)
     # Fail once, up front, for what would fail every run: a device or data that is not here.
     from cdsr.distributed import resolve_device
@@ -194,7 +202,8 @@ def plan(args) -> Dict[str, Any]:
     argv = getattr(args, "argv", None)
     argv = sys.argv[1:] if argv is None else argv
     meta = {"command": "cdsr " + " ".join(shlex.quote(a) for a in argv),
-            "preset": args.preset, "workers": workers, "threads": threads, "cpu_count": cores, "sets": args.set}
+            "preset": args.preset, "engine": args.engine, "scheduler": args.scheduler, "workers": workers,
+            "threads": threads, "cpu_count": cores, "sets": args.set}
     return {"specs": specs, "workers": workers, "meta": meta}
 
 
@@ -247,7 +256,8 @@ def handle(args: argparse.Namespace) -> int:
         atomic_write_json(manifest, out / MANIFEST)
     else:
         with _exit_on_sigterm():
-            manifest = execute(name, specs, out, workers=workers, meta=meta, echo=not args.quiet)
+            manifest = execute(name, specs, out, workers=workers, meta=meta, echo=not args.quiet,
+                               engine=args.engine, scheduler=args.scheduler)
     rows = load_results(out)
     analysis = EXPERIMENTS[name].analyse(rows, out) if rows else {"markdown": "", "figures": []}
     path = report.write(out, name, manifest, rows, analysis)

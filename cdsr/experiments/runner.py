@@ -11,10 +11,11 @@ config is done and never redone, and an unfinished run restarts from the trainer
 checkpoint (`fit(resume=True)`). Killing a sweep and starting the same command again
 therefore loses at most the epochs in flight.
 
-Runs go to a process pool (`workers` processes, each with `threads` torch threads) so that a
-sweep uses the cores it is given; with one worker they run in this process (what a GPU run
-or a test wants). Each finished run prints one progress line with the elapsed time and an
-estimate of the time left.
+Runs go to an engine: `local` (default), a process pool (`workers` processes, each with
+`threads` torch threads) so that a sweep uses the cores it is given, with one worker in this
+process (what a GPU run or a test wants); or `dask` (`dask_engine.py`), Dask distributed
+workers on one or many machines sharing the output folder. Each finished run prints one
+progress line with the elapsed time and an estimate of the time left.
 """
 
 from __future__ import annotations
@@ -213,15 +214,21 @@ def plan_manifest(experiment: str, specs: List[RunSpec], out_dir: Path, meta: Di
     return {"experiment": experiment, "meta": meta, "runs": runs}
 
 
+ENGINES = ("local", "dask")
+
+
 def execute(experiment: str, specs: List[RunSpec], out_dir: os.PathLike | str, workers: int = 1,
             meta: Optional[Dict[str, Any]] = None, stream: Optional[TextIO] = None,
-            echo: bool = False) -> Dict[str, Any]:
-    """Run every spec not yet done (in `workers` processes); returns the final manifest.
-    `echo`: also print each run's epoch lines (stderr) as they happen."""
+            echo: bool = False, engine: str = "local", scheduler: Optional[str] = None) -> Dict[str, Any]:
+    """Run every spec not yet done (in `workers` processes, or on the Dask cluster at
+    `scheduler` with engine="dask": without one, a LocalCluster of `workers` processes);
+    returns the final manifest. `echo`: also print each run's epoch lines (stderr)."""
     stream = stream or sys.stdout
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    out = Path(out_dir)
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    out = Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     manifest = plan_manifest(experiment, specs, out, dict(meta or {}))
     by_id = {r["id"]: r for r in manifest["runs"]}
@@ -230,8 +237,10 @@ def execute(experiment: str, specs: List[RunSpec], out_dir: os.PathLike | str, w
     total = len(specs)
     n_done = total_done = total - len(pending)
     atomic_write_json(manifest, out / MANIFEST)
+    where = f"on the Dask cluster {scheduler}" if engine == "dask" and scheduler else \
+        f"with {workers} {'Dask ' if engine == 'dask' else ''}worker(s)"
     print(f"{experiment}: {total} runs, {n_done} already done, {len(pending)} to run "
-          f"with {workers} worker(s); output in {out}", file=stream, flush=True)
+          f"{where}; output in {out}", file=stream, flush=True)
     start = time.perf_counter()
     walls: List[float] = []
     finished = 0
@@ -256,7 +265,12 @@ def execute(experiment: str, specs: List[RunSpec], out_dir: os.PathLike | str, w
         s = spec_by_id[run_id]
         return str(out / RUNS_DIR / run_id), s.config, s.track_valid, s.align_reg, echo
 
-    if workers == 1 or len(pending) <= 1:
+    if engine == "dask":
+        from cdsr.experiments import dask_engine
+
+        dask_engine.run_all([(run_id, run_one, args_of(run_id)) for run_id in pending], record,
+                            scheduler=scheduler, workers=workers)
+    elif workers == 1 or len(pending) <= 1:
         for run_id in pending:
             record(run_id, run_one(*args_of(run_id)))
     else:

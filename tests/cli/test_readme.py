@@ -95,6 +95,10 @@ def shrink_experiment(argv: List[str]) -> List[str]:
     argv = _replace_option(argv, "--seeds", ["0"])
     argv = _replace_option(argv, "--epochs", ["1"])
     argv = _replace_option(argv, "--sample", ["2"])
+    if "--scheduler" in argv:
+        # A multi-node line: the same command on the local engine, output here (the Dask
+        # engine runs against a real cluster in tests/experiments/test_dask_engine.py).
+        argv = _replace_option(_drop_option(_drop_option(argv, "--scheduler"), "--out"), "--engine", ["local"])
     return argv + ["--quiet"]
 
 
