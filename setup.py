@@ -24,8 +24,13 @@ from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
-CPU_SOURCES = ["bindings.cpp", "gca_core.cpp", "gca_cpu.cpp", "cosine_cpu.cpp"]
-CUDA_SOURCES = ["bindings_cuda.cpp", "gca_core.cpp", "gca_cuda.cu", "cosine_cuda.cu"]
+# Sources shared by both extensions: argument checks, CPU memory reuse, row compaction and the
+# orchestration of the products (each a no-op or the dense path on CUDA).
+CPU_SOURCES = ["bindings.cpp", "arg_checks.cpp", "cpu_memory.cpp", "row_compaction.cpp",
+               "gca_orchestration.cpp", "gca_cpu.cpp", "attention_cpu.cpp", "row_epilogue_cpu.cpp",
+               "cosine_cpu.cpp"]
+CUDA_SOURCES = ["bindings_cuda.cpp", "arg_checks.cpp", "cpu_memory.cpp", "row_compaction.cpp",
+                "gca_orchestration.cpp", "gca_cuda.cu", "cosine_cuda.cu"]
 # -O3 and OpenMP; no -march=native: the wheel may run on another CPU than the one building it.
 # -fno-math-errno: sqrt may then be a vector instruction (with errno to set, GCC keeps it a scalar
 # call guarded by a branch); nothing here reads errno.

@@ -2,6 +2,7 @@
 // torch.library custom ops; call them through gca_kernels, not directly.
 #include <torch/extension.h>
 
+#include "cpu_memory.h"
 #include "gca_cpu.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

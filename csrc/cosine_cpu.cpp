@@ -18,6 +18,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "arg_checks.h"
+#include "cpu_math.h"
+#include "cpu_memory.h"
 #include "gca_cpu.h"
 
 namespace gca {
@@ -25,21 +28,6 @@ namespace {
 
 constexpr int64_t kRowsPerChunk = 256;
 const std::vector<at::ScalarType> kCpuDtypes{at::kFloat, at::kDouble};
-
-template <typename T, typename A>
-inline void row_stats(const T* a, const T* b, int64_t d, A& dt, A& na2, A& nb2) {
-  A s = 0, p = 0, q = 0;
-#pragma omp simd reduction(+ : s, p, q)
-  for (int64_t c = 0; c < d; ++c) {
-    const A x = a[c], y = b[c];
-    s += x * y;
-    p += x * x;
-    q += y * y;
-  }
-  dt = s;
-  na2 = p;
-  nb2 = q;
-}
 
 // The forward's result from its per-chunk partial sums and valid-row counts: the chunks added
 // in chunk order (the same result whatever the number of threads), 0 when no row is valid.
@@ -56,28 +44,26 @@ A chunk_mean(const std::vector<A>& part, const std::vector<int64_t>& cnt) {
 
 // ---- float32: sixteen rows at a time, one vector lane per row ------------------------------
 //
-// Row by row, each row's three sums ended in horizontal reductions of a vector and its cosine in
-// scalar square roots and a division, one dependent chain per row: at d = 64 that chain, not the
-// reads, set the speed (the forward took 71-79 us for 6,889 rows, ~47 GB/s from cache). Here each
-// of sixteen rows keeps its sums in a vector over its columns, and a fixed tree of shuffles turns
+// Row by row, each row's three sums end in horizontal reductions of a vector and its cosine in
+// scalar square roots and a division, one dependent chain per row: at small d that chain, not
+// the reads, sets the speed. Here each of sixteen rows keeps its sums in a vector over its columns, and a fixed tree of shuffles turns
 // the sixteen vectors into one vector of sixteen row sums, on which the cosine is computed
 // lane-wise (vsqrtps and a vector division in the AVX-512 clone). The tree's order is fixed, so
 // results stay bit-identical run to run.
 typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
-constexpr int kG = 16;  // rows per group: lanes of v16f
+constexpr int kLanes = 16;  // rows per group: lanes of v16f
 // always_inline: the callers are target_clones, and GCC does not inline plain functions into
 // them; out of line these would be compiled for the baseline ISA and called per row.
-#define GCA_COS_INLINE __attribute__((always_inline)) inline
 
-GCA_COS_INLINE v16f load16(const float* p) {
+GCA_ALWAYS_INLINE v16f load16(const float* p) {
   v16f v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
 // the first n (< 16) floats of p, zeros after
-GCA_COS_INLINE v16f load_part(const float* p, int64_t n) {
+GCA_ALWAYS_INLINE v16f load_part(const float* p, int64_t n) {
   v16f v = {};
   std::memcpy(&v, p, n * sizeof(float));
   return v;
@@ -85,10 +71,10 @@ GCA_COS_INLINE v16f load_part(const float* p, int64_t n) {
 
 // Per-lane partial sums of x.y, x.x and y.y over one row's d columns (the lanes are then summed
 // by lane_sums).
-GCA_COS_INLINE void row_partials(const float* a, const float* b, int64_t d, v16f& s, v16f& p, v16f& q) {
+GCA_ALWAYS_INLINE void row_partials(const float* a, const float* b, int64_t d, v16f& s, v16f& p, v16f& q) {
   v16f s0 = {}, p0 = {}, q0 = {};
   int64_t c = 0;
-  for (; c + kG <= d; c += kG) {
+  for (; c + kLanes <= d; c += kLanes) {
     const v16f x = load16(a + c), y = load16(b + c);
     s0 += x * y;
     p0 += x * x;
@@ -107,7 +93,7 @@ GCA_COS_INLINE void row_partials(const float* a, const float* b, int64_t d, v16f
 
 // out[i] = sum of the lanes of v[i], i < 16: four rounds of pairwise folds, each adding the two
 // halves of every row's remaining lanes (8, 4, 2, 1), two rows' halves packed into one vector.
-GCA_COS_INLINE v16f lane_sums(const v16f* v) {
+GCA_ALWAYS_INLINE v16f lane_sums(const v16f* v) {
   v16f t1[8], t2[4], t3[2];
   for (int k = 0; k < 8; ++k)
     t1[k] = __builtin_shuffle(v[2 * k], v[2 * k + 1],
@@ -132,10 +118,10 @@ GCA_COS_INLINE v16f lane_sums(const v16f* v) {
 
 // The three sums of rows r0 .. r0 + n - 1 (n <= 16), lane i for row r0 + i; rows that are
 // masked out (or past n) read nothing and get 0 (valid: -1 in their lane where the row counts).
-GCA_COS_INLINE void group_stats(const float* x, const float* y, const bool* mask, int64_t r0, int64_t n,
+GCA_ALWAYS_INLINE void group_stats(const float* x, const float* y, const bool* mask, int64_t r0, int64_t n,
                         int64_t d, v16f& s, v16f& p, v16f& q, v16i& valid) {
-  v16f S[kG], P[kG], Q[kG];
-  for (int i = 0; i < kG; ++i) {
+  v16f S[kLanes], P[kLanes], Q[kLanes];
+  for (int i = 0; i < kLanes; ++i) {
     const int64_t r = r0 + i;
     const bool ok = i < n && (!mask || mask[r]);
     valid[i] = ok ? -1 : 0;
@@ -151,16 +137,16 @@ GCA_COS_INLINE void group_stats(const float* x, const float* y, const bool* mask
 }
 
 // lane-wise sqrt (GCC emits vsqrtps: the extension is built with -fno-math-errno)
-GCA_COS_INLINE v16f vsqrt(v16f v) {
+GCA_ALWAYS_INLINE v16f vsqrt(v16f v) {
   v16f r;
-  for (int i = 0; i < kG; ++i) r[i] = __builtin_sqrtf(v[i]);
+  for (int i = 0; i < kLanes; ++i) r[i] = __builtin_sqrtf(v[i]);
   return r;
 }
 
 // std::max's semantics lane-wise (a NaN first argument is kept)
-GCA_COS_INLINE v16f vmax(v16f a, v16f b) { return a < b ? b : a; }
+GCA_ALWAYS_INLINE v16f vmax(v16f a, v16f b) { return a < b ? b : a; }
 
-GCA_COS_INLINE bool any_valid(const bool* mask, int64_t r0, int64_t n) {
+GCA_ALWAYS_INLINE bool any_valid(const bool* mask, int64_t r0, int64_t n) {
   if (!mask) return n > 0;
   for (int64_t i = 0; i < n; ++i)
     if (mask[r0 + i]) return true;
@@ -178,8 +164,8 @@ GCA_CPU_CLONES float cos_fwd_f32(const float* x, const float* y, const bool* mas
     v16f acc = {};
     int64_t n_ok = 0;
     const int64_t r_end = std::min(R, (ch + 1) * kRowsPerChunk);
-    for (int64_t r0 = ch * kRowsPerChunk; r0 < r_end; r0 += kG) {
-      const int64_t n = std::min<int64_t>(kG, r_end - r0);
+    for (int64_t r0 = ch * kRowsPerChunk; r0 < r_end; r0 += kLanes) {
+      const int64_t n = std::min<int64_t>(kLanes, r_end - r0);
       if (!any_valid(mask, r0, n)) continue;
       v16f s, p, q;
       v16i valid;
@@ -187,10 +173,10 @@ GCA_CPU_CLONES float cos_fwd_f32(const float* x, const float* y, const bool* mas
       v16f c = s / vmax(vsqrt(p) * vsqrt(q), eps);
       if (absolute) c = c < 0 ? -c : c;
       acc += valid ? c : v16f{};
-      for (int i = 0; i < kG; ++i) n_ok += valid[i] != 0;
+      for (int i = 0; i < kLanes; ++i) n_ok += valid[i] != 0;
     }
     float t = 0;
-    for (int i = 0; i < kG; ++i) t += acc[i];
+    for (int i = 0; i < kLanes; ++i) t += acc[i];
     part[ch] = t;
     cnt[ch] = n_ok;
   }
@@ -198,19 +184,17 @@ GCA_CPU_CLONES float cos_fwd_f32(const float* x, const float* y, const bool* mas
 }
 
 // The backward reads a group's rows twice (its sums, then the gradients): that pays while the
-// sixteen rows of x and y stay in L1 (8 KiB at d = 64). At d = 128 and 256 the second read came
-// from L2, and the row-by-row loop (each row read once, then written) was faster: three runs took
-// 567-575 -> 596-670 us at (128, 200, 128) and 575-630 -> 732-785 us at (256, 50, 256) the
-// grouped way, against 130-139 -> 99-101 us at (256, 50, 64).
+// sixteen rows of x and y stay in L1 (8 KiB at d = 64). Wider rows come back from L2 on the
+// second read, and there the row-by-row loop (each row read once, then written) is used.
 constexpr int64_t kBwdGroupMaxD = 64;
 
 GCA_CPU_CLONES void cos_bwd_f32(float w, const float* x, const float* y, const bool* mask,
                                 int64_t R, int64_t d, bool absolute, float* dx, float* dy) {
-  const int64_t ngroups = (R + kG - 1) / kG;
+  const int64_t ngroups = (R + kLanes - 1) / kLanes;
   const v16f eps = v16f{} + static_cast<float>(kCosEps);
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t gi = 0; gi < ngroups; ++gi) {
-    const int64_t r0 = gi * kG, n = std::min<int64_t>(kG, R - r0);
+    const int64_t r0 = gi * kLanes, n = std::min<int64_t>(kLanes, R - r0);
     v16f s = {}, p = {}, q = {};
     v16i valid = {};
     if (any_valid(mask, r0, n)) group_stats(x, y, mask, r0, n, d, s, p, q, valid);
@@ -266,9 +250,9 @@ GCA_CPU_CLONES at::Tensor cos_fwd_impl(const at::Tensor& x_t, const at::Tensor& 
     const int64_t r_end = std::min(R, (ch + 1) * kRowsPerChunk);
     for (int64_t r = ch * kRowsPerChunk; r < r_end; ++r) {
       if (mask && !mask[r]) continue;
-      A dt, na2, nb2;
-      row_stats(x + r * d, y + r * d, d, dt, na2, nb2);
-      const A c = dt / std::max(std::sqrt(na2) * std::sqrt(nb2), A(kCosEps));
+      A dt, na2, nb2, c, den;
+      row_dot_norms(x + r * d, y + r * d, d, dt, na2, nb2);
+      row_cos(dt, na2, nb2, c, den);
       s += absolute ? std::abs(c) : c;
       ++n;
     }
@@ -309,16 +293,12 @@ GCA_CPU_CLONES void cos_bwd_impl(double gout, const at::Tensor& x_t, const at::T
       for (int64_t c = 0; c < d; ++c) da[c] = db[c] = T(0);
       continue;
     }
-    A dt, na2, nb2;
-    row_stats(a, b, d, dt, na2, nb2);
-    const A den = std::sqrt(na2) * std::sqrt(nb2);
-    const bool floored = !(den > A(kCosEps));
-    const A inv_den = floored ? A(1) / A(kCosEps) : A(1) / den;
-    const A cs = dt * inv_den;
+    A dt, na2, nb2, c, den, inv_den, ca, cb;
+    row_dot_norms(a, b, d, dt, na2, nb2);
+    row_cos(dt, na2, nb2, c, den);
+    row_cos_grad_factors(c, den, na2, nb2, inv_den, ca, cb);
     // |c|' = sign(c), with sign(0) = 0 as autograd's abs
-    const A sg = absolute ? A((cs > 0) - (cs < 0)) : A(1);
-    const A gw = w * sg;
-    const A ca = floored ? A(0) : cs / na2, cb = floored ? A(0) : cs / nb2;
+    const A gw = w * (absolute ? A((c > 0) - (c < 0)) : A(1));
 #pragma omp simd
     for (int64_t c = 0; c < d; ++c) {
       const A av = a[c], bv = b[c];

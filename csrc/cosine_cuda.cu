@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "cuda_common.cuh"
+#include "arg_checks.h"
 #include "gca_cuda.h"
 
 namespace gca {

@@ -1,9 +1,8 @@
-// Device-independent orchestration of the fused GCA operator.
-//
-// The heavy matrix products go to ATen (MKL/oneDNN on the CPU, cuBLAS on CUDA); everything
-// between them is a handful of fused row kernels supplied by the device backend through
-// GCAKernels. gca_core.cpp is compiled into both extensions, so the CPU and CUDA backends
-// share one sequence of products and cannot drift apart.
+// The types every part of the fused GCA operator shares: the parameter bundle (GCAWeights),
+// the scalar arguments (GCAConfig), the forward's saved intermediates (GCASaved), the problem's
+// layout (RowLayout), the row kernels a device backend provides (GCAKernels, DeviceBackend),
+// and the device-independent forward and backward (gca_orchestration.cpp) that run the
+// products through ATen and these kernels between them.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -34,7 +33,9 @@ constexpr double kCosEps = 1e-8;
 
 enum Activation : int64_t { kSigmoid = 0, kTanh = 1 };
 
-struct Dims {
+// The problem's sizes and where its rows are stored: B batch rows of La queries and Lb keys,
+// width d = H heads x dh, gate width hidden; then the row maps of the CPU's compact path.
+struct RowLayout {
   int64_t B, La, Lb, d, H, hidden;
   // Compact rows for the attention kernels (CPU only: null = every row, the only case the CUDA
   // kernels ever see). With qrow, q, o, dout and dq hold only the query rows qrow[0..nq)
@@ -48,37 +49,37 @@ struct Dims {
   // CPU: q holds q / sqrt(dh) (its product is scaled: alpha = 1 / sqrt(dh), the bias too), so
   // the score loops broadcast q straight into their FMAs instead of multiplying each element
   // by the scale first; dk = ds^T q then needs no scale either. false: q as the contract has it.
-  bool q_scaled = false;
+  bool q_prescaled = false;
 };
 
 // Row kernels a device backend provides. Masks are undefined tensors when absent; lse, mean
 // and rstd are in the accumulation dtype (float32, or float64 for float64 inputs). Shapes are
-// those of the dense path; with the CPU row maps of Dims set, q, o, dout, dq, xp, g, dg_pre and
-// dxp hold only the active query rows and kv, dkv only the unpadded keys (see Dims).
+// those of the dense path; with the CPU row maps of RowLayout set, q, o, dout, dq, xp, g, dg_pre and
+// dxp hold only the active query rows and kv, dkv only the unpadded keys (see RowLayout).
 struct GCAKernels {
   // o (N, d), lse (N, H): masked softmax(q k^T / sqrt(dh)) v per (row, head); lse = +inf marks
   // a row with no visible key (o = 0 there).
   void (*attn_fwd)(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& kpm,
-                   const at::Tensor& am, at::Tensor& o, at::Tensor& lse, const Dims& dm);
+                   const at::Tensor& am, at::Tensor& o, at::Tensor& lse, const RowLayout& lay);
   // In place xp = has_key ? xp + bo : 0, and cos(x_a, x'). Not called on the CPU's compact
   // path (the product adds bo there, and gate_out_fwd forms cos).
   void (*xprime_fwd)(at::Tensor& xp, const at::Tensor& bo, const at::Tensor& lse,
-                     const at::Tensor& xa, at::Tensor& cos, const Dims& dm);
+                     const at::Tensor& xa, at::Tensor& cos, const RowLayout& lay);
   // In place g = act(g + b2) (g holds h W2^T on entry); y = LN(x_a + g * x') (or the sum);
   // mean/rstd when LN is on; cos(x_a, x') when cos is defined (CPU compact path, where x'
   // already holds its bias and xprime_fwd is not run; undefined elsewhere).
   void (*gate_out_fwd)(const at::Tensor& xa, const at::Tensor& xp, at::Tensor& g,
                        const at::Tensor& b2, const at::Tensor& ln_w, const at::Tensor& ln_b, at::Tensor& y,
                        at::Tensor& mean, at::Tensor& rstd, at::Tensor& cos, int64_t act,
-                       double ln_eps, const Dims& dm);
+                       double ln_eps, const RowLayout& lay);
   // Backward of gate_out_fwd and of the cosine: dg_pre, dxp, dxa (N, d); db2 = the column sums
-  // of dg_pre, dln_w/dln_b (d); dxp_sum (d) = the column sums of the dxp written here, when
+  // of dg_pre, dln_w/dln_b (d); dxp_colsum (d) = the column sums of the dxp written here, when
   // defined (CPU compact path only; undefined elsewhere).
   void (*gate_out_bwd)(const at::Tensor& dy, const at::Tensor& dcos, const at::Tensor& xa,
                        const at::Tensor& xp, const at::Tensor& g, const at::Tensor& ln_w,
                        const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& dg_pre,
                        at::Tensor& db2, at::Tensor& dxp, at::Tensor& dxa, at::Tensor& dln_w, at::Tensor& dln_b,
-                       at::Tensor& dxp_sum, int64_t act, const Dims& dm);
+                       at::Tensor& dxp_colsum, int64_t act, const RowLayout& lay);
   // Bias and ReLU of the gate's hidden layer in place: h = max(h + b1, 0).
   void (*bias_relu)(at::Tensor& h, const at::Tensor& b1);
   // ReLU backward in place (dh = 0 where h, stored post-ReLU, is 0) and db1 = dh's column sums.
@@ -89,7 +90,7 @@ struct GCAKernels {
   // into dkv (zeros on entry); the CPU kernel zeroes each batch row's block itself.
   void (*attn_bwd)(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& o,
                    const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& kpm,
-                   const at::Tensor& am, at::Tensor& dq, at::Tensor& dkv, const Dims& dm);
+                   const at::Tensor& am, at::Tensor& dq, at::Tensor& dkv, const RowLayout& lay);
 };
 
 using OptT = std::optional<at::Tensor>;
@@ -157,11 +158,6 @@ struct DeviceBackend {
   GCAKernels kernels;
 };
 
-// Checks every argument (device, dtype, shape, contiguity) and names the one that is wrong.
-Dims check_gca_args(const char* fn, const DeviceBackend& be, const at::Tensor& x_a,
-                    const at::Tensor& x_b, const GCAWeights& w, const OptT& kpm, const OptT& am,
-                    const GCAConfig& cfg);
-
 // Returns y (B, La, d), cos (B, La), then GCASaved::list().
 std::vector<at::Tensor> gca_forward(const DeviceBackend& be, const at::Tensor& x_a,
                                     const at::Tensor& x_b, const GCAWeights& w, const OptT& kpm,
@@ -186,20 +182,6 @@ std::vector<at::Tensor> gca_backward_entry(const DeviceBackend& be, const at::Te
                                            const OptT& kpm, const OptT& am,
                                            const std::vector<at::Tensor>& saved, int64_t n_heads,
                                            int64_t activation, double ln_eps);
-
-// Shared checks of the cosine-alignment entry points; returns the number of rows.
-int64_t check_cos_args(const char* fn, c10::DeviceType dev,
-                       const std::vector<at::ScalarType>& dtypes, const at::Tensor& x,
-                       const at::Tensor& y, const OptT& mask);
-
-// An uninitialised contiguous tensor like at::empty whose CPU memory is recycled from earlier
-// calls once nothing refers to it any more (see gca_core.cpp); at::empty elsewhere.
-at::Tensor recycled_empty(at::IntArrayRef shape, const at::TensorOptions& opts);
-
-// The calling thread's scratch memory for the CPU temporaries (kept between calls): its size in
-// bytes, and a call that frees it.
-int64_t workspace_bytes();
-void release_workspace();
 
 // Accumulation dtype of the saved row statistics.
 inline at::ScalarType acc_dtype(at::ScalarType t) {

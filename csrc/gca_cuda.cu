@@ -159,7 +159,7 @@ __global__ void gate_out_bwd_kernel(const T* __restrict__ dy,    // (N, d)
                                     const T* __restrict__ g,     // (N, d) post-activation
                                     const T* __restrict__ lnw,   // (d) or null
                                     const A* __restrict__ mean, const A* __restrict__ rstd,
-                                    T* __restrict__ dgp, T* __restrict__ dxp,
+                                    T* __restrict__ dg_pre, T* __restrict__ dxp,
                                     T* __restrict__ dxa,         // (N, d)
                                     int64_t N, int64_t d, int64_t act) {
   const int64_t r = warp_task();
@@ -203,7 +203,7 @@ __global__ void gate_out_bwd_kernel(const T* __restrict__ dy,    // (N, d)
       dz = dyr[c];
     }
     const A dact = act == kSigmoid ? gv * (A(1) - gv) : A(1) - gv * gv;
-    dgp[r * d + c] = static_cast<T>(dz * bv * dact);
+    dg_pre[r * d + c] = static_cast<T>(dz * bv * dact);
     dxp[r * d + c] = static_cast<T>(dz * gv + dc * (a * inv_den - cb * bv));
     dxa[r * d + c] = static_cast<T>(dz + dc * (bv * inv_den - ca * a));
   }
@@ -331,62 +331,62 @@ __global__ void attn_bwd_dkv_kernel(const T* __restrict__ q, const T* __restrict
 template <typename T>
 const T* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
 
-void check_head_size(const Dims& dm) {
-  TORCH_CHECK(dm.d / dm.H <= kWarp * kMaxPerLane, "gca (cuda): head size d / n_heads = ", dm.d / dm.H,
+void check_head_size(const RowLayout& lay) {
+  TORCH_CHECK(lay.d / lay.H <= kWarp * kMaxPerLane, "gca (cuda): head size d / n_heads = ", lay.d / lay.H,
               " exceeds the CUDA backend's limit of ", kWarp * kMaxPerLane,
               "; use more heads or another backend");
 }
 
 void attn_fwd_cuda(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& kpm,
-                   const at::Tensor& am, at::Tensor& o, at::Tensor& lse, const Dims& dm) {
-  check_head_size(dm);
+                   const at::Tensor& am, at::Tensor& o, at::Tensor& lse, const RowLayout& lay) {
+  check_head_size(lay);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t tasks = dm.B * dm.La * dm.H;
+  const int64_t tasks = lay.B * lay.La * lay.H;
   GCA_CUDA_DISPATCH(q, "gca_attn_fwd_cuda",
       attn_fwd_kernel<scalar_t, A><<<blocks_for(tasks), kThreads, 0, stream>>>(
           q.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(), ptr_or_null<bool>(kpm),
           ptr_or_null<bool>(am), am.defined() && am.size(0) == 1, o.data_ptr<scalar_t>(),
-          lse.data_ptr<A>(), dm.B, dm.La, dm.Lb, dm.d, dm.H));
+          lse.data_ptr<A>(), lay.B, lay.La, lay.Lb, lay.d, lay.H));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void xprime_fwd_cuda(at::Tensor& xp, const at::Tensor& bo, const at::Tensor& lse,
-                     const at::Tensor& xa, at::Tensor& cos, const Dims& dm) {
+                     const at::Tensor& xa, at::Tensor& cos, const RowLayout& lay) {
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t N = dm.B * dm.La;
+  const int64_t N = lay.B * lay.La;
   GCA_CUDA_DISPATCH(xp, "gca_xprime_fwd_cuda",
       xprime_fwd_kernel<scalar_t, A><<<blocks_for(N), kThreads, 0, stream>>>(
           xp.data_ptr<scalar_t>(), bo.data_ptr<scalar_t>(), lse.data_ptr<A>(),
-          xa.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(), N, dm.d, dm.H));
+          xa.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(), N, lay.d, lay.H));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void gate_out_fwd_cuda(const at::Tensor& xa, const at::Tensor& xp, at::Tensor& g,
                        const at::Tensor& b2, const at::Tensor& ln_w, const at::Tensor& ln_b, at::Tensor& y,
                        at::Tensor& mean, at::Tensor& rstd, at::Tensor& cos, int64_t act, double eps,
-                       const Dims& dm) {
+                       const RowLayout& lay) {
   // cos comes from xprime_fwd here (the core passes it to this kernel only on the CPU)
   TORCH_CHECK(!cos.defined(), "gca_gate_out_fwd_cuda: cos is formed by xprime_fwd on the GPU");
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t N = dm.B * dm.La;
+  const int64_t N = lay.B * lay.La;
   GCA_CUDA_DISPATCH(xa, "gca_gate_out_fwd_cuda",
       gate_out_fwd_kernel<scalar_t, A><<<blocks_for(N), kThreads, 0, stream>>>(
           xa.data_ptr<scalar_t>(), xp.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
           b2.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(ln_w), ptr_or_null<scalar_t>(ln_b), y.data_ptr<scalar_t>(),
           ln_w.defined() ? mean.data_ptr<A>() : nullptr,
-          ln_w.defined() ? rstd.data_ptr<A>() : nullptr, N, dm.d, act, eps));
+          ln_w.defined() ? rstd.data_ptr<A>() : nullptr, N, lay.d, act, eps));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void gate_out_bwd_cuda(const at::Tensor& dy, const at::Tensor& dcos, const at::Tensor& xa,
                        const at::Tensor& xp, const at::Tensor& g, const at::Tensor& ln_w,
-                       const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& dgp,
+                       const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& dg_pre,
                        at::Tensor& db2, at::Tensor& dxp, at::Tensor& dxa, at::Tensor& dlnw,
-                       at::Tensor& dlnb, at::Tensor& dxp_sum, int64_t act, const Dims& dm) {
+                       at::Tensor& dlnb, at::Tensor& dxp_colsum, int64_t act, const RowLayout& lay) {
   // only the CPU's compact path asks for dxp's column sums: never leave one unwritten silently
-  TORCH_CHECK(!dxp_sum.defined(), "gca_gate_out_bwd_cuda: dxp_sum is not computed on CUDA");
+  TORCH_CHECK(!dxp_colsum.defined(), "gca_gate_out_bwd_cuda: dxp_colsum is not computed on CUDA");
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t N = dm.B * dm.La;
+  const int64_t N = lay.B * lay.La;
   const bool ln = ln_w.defined();
   GCA_CUDA_DISPATCH(xa, "gca_gate_out_bwd_cuda", {
     const A* mp = ln ? mean.data_ptr<A>() : nullptr;
@@ -394,14 +394,14 @@ void gate_out_bwd_cuda(const at::Tensor& dy, const at::Tensor& dcos, const at::T
     gate_out_bwd_kernel<scalar_t, A><<<blocks_for(N), kThreads, 0, stream>>>(
         dy.data_ptr<scalar_t>(), dcos.data_ptr<scalar_t>(), xa.data_ptr<scalar_t>(),
         xp.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(ln_w), mp, rp,
-        dgp.data_ptr<scalar_t>(), dxp.data_ptr<scalar_t>(), dxa.data_ptr<scalar_t>(), N, dm.d, act);
+        dg_pre.data_ptr<scalar_t>(), dxp.data_ptr<scalar_t>(), dxa.data_ptr<scalar_t>(), N, lay.d, act);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    at::sum_out(db2, dgp, 0);
+    at::sum_out(db2, dg_pre, 0);
     if (ln) {
-      const unsigned int blocks = static_cast<unsigned int>((dm.d + 127) / 128);
+      const unsigned int blocks = static_cast<unsigned int>((lay.d + 127) / 128);
       ln_param_bwd_kernel<scalar_t, A><<<blocks, 128, 0, stream>>>(
           dy.data_ptr<scalar_t>(), xa.data_ptr<scalar_t>(), xp.data_ptr<scalar_t>(),
-          g.data_ptr<scalar_t>(), mp, rp, dlnw.data_ptr<scalar_t>(), dlnb.data_ptr<scalar_t>(), N, dm.d);
+          g.data_ptr<scalar_t>(), mp, rp, dlnw.data_ptr<scalar_t>(), dlnb.data_ptr<scalar_t>(), N, lay.d);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -409,23 +409,23 @@ void gate_out_bwd_cuda(const at::Tensor& dy, const at::Tensor& dcos, const at::T
 
 void attn_bwd_cuda(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& o,
                    const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& kpm,
-                   const at::Tensor& am, at::Tensor& dq, at::Tensor& dkv, const Dims& dm) {
-  check_head_size(dm);
+                   const at::Tensor& am, at::Tensor& dq, at::Tensor& dkv, const RowLayout& lay) {
+  check_head_size(lay);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t N = dm.B * dm.La;
-  at::Tensor Dbuf = at::empty({N, dm.H}, lse.options());
+  const int64_t N = lay.B * lay.La;
+  at::Tensor Dbuf = at::empty({N, lay.H}, lse.options());
   const bool shared = am.defined() && am.size(0) == 1;
   GCA_CUDA_DISPATCH(q, "gca_attn_bwd_cuda", {
-    attn_bwd_dq_kernel<scalar_t, A><<<blocks_for(N * dm.H), kThreads, 0, stream>>>(
+    attn_bwd_dq_kernel<scalar_t, A><<<blocks_for(N * lay.H), kThreads, 0, stream>>>(
         q.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(),
         dout.data_ptr<scalar_t>(), lse.data_ptr<A>(), ptr_or_null<bool>(kpm),
-        ptr_or_null<bool>(am), shared, dq.data_ptr<scalar_t>(), Dbuf.data_ptr<A>(), dm.B, dm.La,
-        dm.Lb, dm.d, dm.H);
+        ptr_or_null<bool>(am), shared, dq.data_ptr<scalar_t>(), Dbuf.data_ptr<A>(), lay.B, lay.La,
+        lay.Lb, lay.d, lay.H);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    attn_bwd_dkv_kernel<scalar_t, A><<<blocks_for(dm.B * dm.Lb * dm.H), kThreads, 0, stream>>>(
+    attn_bwd_dkv_kernel<scalar_t, A><<<blocks_for(lay.B * lay.Lb * lay.H), kThreads, 0, stream>>>(
         q.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(), dout.data_ptr<scalar_t>(),
         lse.data_ptr<A>(), Dbuf.data_ptr<A>(), ptr_or_null<bool>(kpm), ptr_or_null<bool>(am),
-        shared, dkv.data_ptr<scalar_t>(), dm.B, dm.La, dm.Lb, dm.d, dm.H);
+        shared, dkv.data_ptr<scalar_t>(), lay.B, lay.La, lay.Lb, lay.d, lay.H);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
