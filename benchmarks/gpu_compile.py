@@ -67,7 +67,7 @@ def _record_launches(shape, dtype) -> List[dict]:
 
     calls: List[dict] = []
     kernels = {T: ["_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel",
-                   "_gate_out_fwd_kernel", "_gate_out_bwd_kernel"],
+                   "_gate_hidden_kernel", "_gate_out_fwd_kernel", "_gate_out_bwd_kernel"],
                C: ["_cos_align_fwd_kernel", "_cos_align_bwd_kernel"]}
     originals = {(m, n): getattr(m, n) for m, names in kernels.items() for n in names}
     try:

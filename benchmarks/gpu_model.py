@@ -112,11 +112,13 @@ class _Trace(TorchDispatchMode):
 _TRITON_WRITES = {
     "_attn_fwd_kernel": ("O", "LSE"), "_attn_bwd_dq_kernel": ("DELTA", "DQ", "DBQ_PART"),
     "_attn_bwd_dkdv_kernel": ("DK", "DV", "DBKV_PART"),
+    "_gate_hidden_kernel": ("C", "PART"),
     "_gate_out_fwd_kernel": ("Y", "COS", "MEAN", "RSTD"),
     "_gate_out_bwd_kernel": ("DXA", "DXP", "DGPRE", "DB2_PART", "DLNW_PART", "DLNB_PART"),
     "_cos_align_fwd_kernel": ("PARTIAL",), "_cos_align_bwd_kernel": ("DX", "DY"),
 }
-_ATTN_DOTS = {"_attn_fwd_kernel": 4, "_attn_bwd_dq_kernel": 10, "_attn_bwd_dkdv_kernel": 8}
+# dots per kernel: forward s, pv; dq: s, dp twice, then dq; dkdv: s, dv, dp, dk
+_ATTN_DOTS = {"_attn_fwd_kernel": 2, "_attn_bwd_dq_kernel": 5, "_attn_bwd_dkdv_kernel": 4}
 
 
 class _Launch:
@@ -138,11 +140,17 @@ class _Launch:
                 self.keep.append(v)
                 item = (_key(v), v.numel() * v.element_size())
                 (writes if arg in writes_names else reads).append(item)
-            flops = 0.0
+            flops, kind = 0.0, "memory"
             if name in _ATTN_DOTS:
+                dots = _ATTN_DOTS[name]
+                if name == "_attn_bwd_dkdv_kernel":  # s, then dv and/or dp + dk
+                    dots = 1 + bool(values["WANT_DV"]) + 2 * bool(values["WANT_DK"])
                 b = values["Q"].shape[0]
-                flops = 2.0 * _ATTN_DOTS[name] / 2 * b * values["La"] * values["Lb"] * values["D"]
-            self.kernels.append(Kernel(name, reads, writes, flops, "attention" if flops else "memory"))
+                flops, kind = 2.0 * dots * b * values["La"] * values["Lb"] * values["D"], "attention"
+            elif name == "_gate_hidden_kernel":
+                flops = 2.0 * values["M"] * values["N"] * values["K"] * (2 if values["TWO"] else 1)
+                kind = "product"
+            self.kernels.append(Kernel(name, reads, writes, flops, kind))
         return launch
 
 
@@ -253,10 +261,50 @@ def floor_ms(shape, dtype) -> float:
     return max(flops / PEAK, nbytes / BW) * 1e3
 
 
+def saved_bytes_eager(shape, dtype) -> int:
+    """Bytes autograd keeps from the eager forward for backward (inputs and weights excluded):
+    the activation memory a training step holds per GCA layer."""
+    from gca_kernels.reference import gated_cross_attention_ref
+
+    B, L, d, H = shape
+    x_a, x_b, w, ln, kpm, am = _inputs(shape, dtype, grad=True)
+    leaves = {_key(t) for t in [x_a, x_b, *w, *ln]}
+    kept: Dict[int, int] = {}
+
+    def pack(t):
+        if _key(t) not in leaves:
+            kept[_key(t)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        gated_cross_attention_ref(x_a, x_b, *w, *ln, kpm, am, H, "sigmoid", 1e-5)
+    return sum(kept.values())
+
+
+def saved_bytes_fused(shape, dtype) -> int:
+    """Bytes of the Triton backend's ``Saved`` (inputs and weights excluded)."""
+    from gca_kernels.ops import triton_gca as T
+
+    B, L, d, H = shape
+    x_a, x_b, w, ln, kpm, am = _inputs(shape, dtype)
+    names = [n for n in _TRITON_WRITES if n.startswith(("_attn", "_gate"))]
+    originals = {n: getattr(T, n) for n in names}
+    try:
+        for n, fn in originals.items():
+            setattr(T, n, _Launch(fn, [], []))
+        _, _, saved = T.gca_forward(x_a, x_b, *w, *ln, kpm, am, H, "sigmoid", 1e-5)
+    finally:
+        for n, fn in originals.items():
+            setattr(T, n, fn)
+    return sum(t.numel() * t.element_size() for t in saved)
+
+
 def model(shape, dtype) -> Dict[str, Dict[str, float]]:
     eager = trace_eager(shape, dtype)
     res = {"eager": summarise(eager), "compile": summarise(fuse_runs(eager)),
            "fused": summarise(trace_fused(shape, dtype))}
+    res["eager"]["saved_mb"] = saved_bytes_eager(shape, dtype) / 1e6
+    res["fused"]["saved_mb"] = saved_bytes_fused(shape, dtype) / 1e6
     res["floor"] = {"ms": floor_ms(shape, dtype)}
     return res
 
@@ -278,15 +326,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dtype = DTYPES[args.dtype]
     table = {}
     print(f"modelled, not measured ({args.dtype}, fwd+bwd; H200 assumptions in the docstring)")
-    print(f"{'shape':>22} {'plan':>8} {'kernels':>8} {'GB':>7} {'GFLOP':>7} {'ms':>7} {'vs eager':>9}")
+    print(f"{'shape':>22} {'plan':>8} {'kernels':>8} {'GB':>7} {'GFLOP':>7} {'ms':>7} {'vs eager':>9}"
+          f" {'saved MB':>9}")
     for shape in args.shape:
         res = model(shape, dtype)
         table[",".join(map(str, shape))] = res
         for plan in ("eager", "compile", "fused"):
             r = res[plan]
             ratio = res["eager"]["ms"] / r["ms"]
+            saved = f"{r['saved_mb']:>9.0f}" if "saved_mb" in r else f"{'':>9}"
             print(f"{str(shape):>22} {plan:>8} {r['kernels']:>8} {r['gbytes']:>7.2f} "
-                  f"{r['gflop']:>7.1f} {r['ms']:>7.3f} {ratio:>8.2f}x")
+                  f"{r['gflop']:>7.1f} {r['ms']:>7.3f} {ratio:>8.2f}x {saved}")
         print(f"{str(shape):>22} {'floor':>8} {'':>8} {'':>7} {'':>7} {res['floor']['ms']:>7.3f}")
         if args.kernels:
             for k in trace_fused(shape, dtype):

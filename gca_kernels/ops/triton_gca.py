@@ -1,45 +1,55 @@
 """Triton backend of the GCA operator (forward and backward) and its registration.
 
-What is memory-bound or needs the (La x Lb) scores runs in Triton; the dense products run in
-torch (cuBLAS on a GPU, tensor cores for half precision): q/k/v, the output projection
-``x' = (o Wo^T + bo) * has_key``, the gate's layers ``h = relu(x_a W1a^T + x' W1b^T + b1)``
-and ``g_pre = h W2^T + b2`` (W1 read as its two d-column halves, so ``[x_a ; x']`` never
-exists), and every product of backward. Fusing those products into the row passes made the
-row kernels spill and run out of shared memory as d grew (sm_90 compile report), for no
-saving of traffic that a cuBLAS product does not already reach. Saved for backward: the
-inputs and weights, q/k/v, o, the logsumexp, the LayerNorm mean/rstd, x', h and g:
+The plan follows the roofline (``python -m benchmarks.gpu_model``): at the recommendation
+shapes every (rows, d) product is memory-bound, so what counts is how many times a (rows, d)
+tensor crosses HBM. Triton runs the attention (flash, never O(La * Lb) memory), the gate's
+hidden layer with its relu (and its backward with the relu mask and db1), and one row pass each
+way (gate activation, Hadamard residual, LayerNorm, cosine). The other products are cuBLAS
+calls through torch in the input dtype (tensor cores for half): q, k | v as one product that
+reads x_b once, the output projection, the gate's output layer, and backward's products, which
+accumulate into their outputs in place (``addmm_``). Saved for backward: the inputs and weights,
+q, k | v, o, the logsumexp, the LayerNorm mean/rstd, x', h and g_pre (``Saved``):
 O(B * (La + Lb) * (d + gate width)) memory, never O(La * Lb).
 
-Forward (2 kernels)
--------------------
+Forward
+-------
+``q = x_a Wq^T + bq``, ``[k | v] = x_b [Wk ; Wv]^T + [bk | bv]`` (torch).
+
 ``_attn_fwd_kernel``, grid (B * H, La blocks): flash attention over the visible keys. The
 key-padding mask (B, Lb) and the attention mask (Bm, La, Lb), Bm in {1, B} (broadcast by a
-zero batch stride), are applied in registers; an online softmax accumulates ``p v`` so the
-(La x Lb) score/probability matrix never reaches global memory. Writes ``o`` (B, La, d) in the
-heads-concatenated layout and the log-sum-exp per (B, H, La) row. A query row that sees no
-key gets ``o = 0`` and ``lse = +inf`` (which also makes backward's ``exp(s - lse)`` exactly 0
-there, with no NaN).
+zero batch stride), are applied in registers; an online softmax accumulates ``p v``. Writes
+``o`` (B, La, d + 8) in the heads-concatenated layout followed by ``[has_key, 0 x 7]``, and the
+log-sum-exp per (B, H, La) row. A query row that sees no key gets ``o = 0``, ``has_key = 0`` and
+``lse = +inf`` (which makes backward's ``exp(s - lse)`` exactly 0 there, with no NaN).
 
-``_gate_out_fwd_kernel``, grid (row blocks of B * La): one pass over each block of rows after
-the products: ``g = act(g_pre)`` (written back for backward), the Hadamard residual
-``z = x_a + g * x'``, the LayerNorm (mean/rstd written for backward) and the per-row
-``cos(x_a, x')``.
+``x' = o_ext [Wo | bo | 0]^T`` (torch): ``o Wo^T + has_key * bo``, so x' = 0 on keyless rows
+without a masking pass, and ``[dWo | dbo]`` comes out of one product in backward.
 
-Backward (3 kernels + torch products)
--------------------------------------
-``_gate_out_bwd_kernel``, row blocks: LayerNorm backward (dln_w/dln_b as per-program partial
-sums reduced in torch), the gate activation's derivative and the cosine's backward, writing
-``dg_pre``, ``dz * g`` + the cosine's part of ``dx'`` and ``dz`` + its part of ``dx_a``. The
-gate's layers and the output projection then go backward as torch products, giving
-``do = (dx' * has_key) Wo``.
+``_gate_hidden_kernel``: ``h = relu(x_a W1a^T + x' W1b^T + b1)``, W1 read as its two column
+halves (``[x_a ; x']`` never exists), h written once. ``g_pre = h W2^T + b2`` (torch).
+
+``_gate_out_fwd_kernel``, grid (row blocks of B * La): ``g = act(g_pre)``, the Hadamard
+residual ``z = x_a + g * x'``, the LayerNorm (mean/rstd kept) and the per-row ``cos(x_a, x')``.
+
+Backward
+--------
+``_gate_out_bwd_kernel``, row blocks: the LayerNorm backward, the gate activation's derivative
+(g recomputed from g_pre) and the cosine's backward, writing ``dg_pre``, ``dz * g`` + the
+cosine's part of ``dx'``, ``dz`` + its part of ``dx_a``, and per-program partial sums for
+dln_w, dln_b and db2. ``_gate_hidden_kernel`` again: ``dh_pre = (dg_pre W2) * (h > 0)`` with
+db1's partial sums. torch: dW2, dW1, ``dx_a += dh_pre W1a``, ``dx' += dh_pre W1b``,
+``[dWo | dbo] = dx'^T o_ext`` (a keyless row has o = 0 and has_key = 0: it adds nothing),
+``do = dx' Wo``.
 
 ``_attn_bwd_dq_kernel``, grid (B * H, La blocks): recomputes ``p = exp(q k^T / sqrt(dh) - lse)``
 and ``dp = do v^T`` over the visible keys twice: a first pass sums ``delta = sum_j p dp`` (stored
 for the next kernel; equal to flash attention's ``rowsum(do * o)`` but exact where a row has a
 single visible key, so ``ds`` is exactly 0 there as in eager autograd), the second accumulates
-``dq``.
+``dq`` and dbq's partial sums.
 ``_attn_bwd_dkdv_kernel``, grid (B * H, Lb blocks): recomputes ``p`` the same way for its key
-block over all query blocks and accumulates ``dk`` and ``dv``.
+block over all query blocks and accumulates ``dk`` and ``dv`` (and dbk, dbv partial sums) into
+one (B, Lb, 2d) buffer; torch then gives ``dx_b = [dk | dv] [Wk ; Wv]`` in one product and
+``dx_a += dq Wq`` in place.
 No kernel uses atomics: every output element is written by exactly one program and every
 reduction has a fixed order, so results are bit-identical run to run.
 
@@ -51,17 +61,17 @@ inputs, passed to the kernels as ``ACC``) and results are cast back once. Dots (
 float16/bfloat16 inputs multiply operands in their own dtype on tensor cores with float32
 accumulation (p and ds tiles rounded to it, as FlashAttention does); float32/float64 inputs
 run exact (``input_precision="ieee"``, no TF32), which the tests compare against the float64
-reference. Row-wise intermediates handed from backward's kernels to torch are kept in the
-accumulation dtype. Scalars (LayerNorm eps, COS_EPS, 1/sqrt(dh)) travel in a small tensor of
-the accumulation dtype: a Python float argument would be rounded to float32 by Triton. Any
-La, Lb >= 1, any d with n_heads | d (blocks are the next power of two >= 16 of d, dh and the
-gate width, masked), any number of heads, any gate width. Offsets of batch and row strides are
-64-bit; B * H goes on the grid's first axis (2^31 - 1 programs) and sequence blocks on the
-second (65535 blocks). Limits, from the sm_90 compile report (``python -m
-benchmarks.gpu_compile``): the row-wise epilogues hold a (rows x d) tile per row block and
-fuse the output projection and the gate's products, so they spill from d = 256 in backward and
-need more shared memory than sm_90 has at d = 1024. GPU block sizes are fixed (no
-autotuning) and have never been timed on a GPU.
+reference. Every (rows, d) intermediate is stored in the input dtype, as eager autograd's are;
+statistics and partial sums stay in the accumulation dtype. Scalars (LayerNorm eps, COS_EPS,
+1/sqrt(dh)) travel in a cached device tensor of the accumulation dtype: a Python float argument
+would be rounded to float32 by Triton, and a tensor made per call would copy from the host.
+Any La, Lb >= 1, any d with n_heads | d (blocks are the next power of two >= 16 of d, dh and
+the gate width, masked), any gate width. Offsets of batch and row strides are 64-bit; B * H goes
+on the grid's first axis (2^31 - 1 programs) and sequence blocks on the second (65535 blocks).
+Block sizes are fixed per dot kind, chosen from the sm_90 and sm_80 compile reports (no
+spills, shared memory within limits, tensor-core instructions in every half kernel with dots,
+d 64 to 1024, dh 16 to 128: ``python -m benchmarks.gpu_compile --check``, a CI gate); a head
+size above 128 launches but is outside that report. None of it has been timed on a GPU.
 """
 
 from __future__ import annotations
@@ -449,6 +459,63 @@ def _gate_out_bwd_kernel(
     tl.store(DXP + offs, (dz * g + dxp_c).to(DXP.dtype.element_ty), mask=m2)
 
 
+# ----------------------------------------------------------------------------- gate's hidden layer
+
+
+@triton.jit
+def _gate_hidden_kernel(
+    A1,  # (M, K) input dtype, rows contiguous
+    A2,  # (M, K) input dtype (read only when TWO)
+    B1,  # element [k, n] at B1 + n * stride_bn + k * stride_bk
+    B2,  # same layout as B1 (read only when TWO)
+    BIAS,  # (N,) (read only when HAS_BIAS)
+    HMASK,  # (M, N) input dtype: the forward's h; the output is zeroed where h <= 0 (MASKED)
+    C,  # (M, N) input dtype, output
+    PART,  # (M blocks, N) acc dtype, output: per-program column sums of C (MASKED)
+    M, N, K, stride_bn, stride_bk,
+    TWO: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, MASKED: tl.constexpr,
+    ACC: tl.constexpr, OPD: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """C = A1 B1 (+ A2 B2) (+ bias), then relu (forward: h = relu([x_a ; x'] W1^T + b1) with
+    W1 read as its two column halves, so [x_a ; x'] never exists and h is written once), or
+    masked by h > 0 with the column sums for db1 (backward: dh_pre = (dg_pre W2) * (h > 0))."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mmask = rm < M
+    nmask = rn < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        kmask = kk < K
+        a = tl.load(A1 + rm[:, None] * K + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(B1 + rn[None, :] * stride_bn + kk[:, None] * stride_bk,
+                    mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc = _dot(a.to(ACC), b.to(ACC), acc, OPD, HALF)
+    if TWO:
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            kmask = kk < K
+            a = tl.load(A2 + rm[:, None] * K + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(B2 + rn[None, :] * stride_bn + kk[:, None] * stride_bk,
+                        mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc = _dot(a.to(ACC), b.to(ACC), acc, OPD, HALF)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn, mask=nmask, other=0.0).to(ACC)[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    m2 = mmask[:, None] & nmask[None, :]
+    offs = rm[:, None] * N + rn[None, :]
+    if MASKED:
+        h = tl.load(HMASK + offs, mask=m2, other=0.0).to(ACC)
+        acc = tl.where(h > 0.0, acc, 0.0)
+        tl.store(PART + pid_m.to(tl.int64) * N + rn, tl.sum(acc, axis=0), mask=nmask)
+    tl.store(C + offs, acc.to(C.dtype.element_ty), mask=m2)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -482,6 +549,35 @@ def _attn_blocks(la: int, lb: int, dh: int, half: bool) -> Tuple[int, int, int, 
     else:
         bm, bn, warps = 16, 16, (4 if block_dh <= 32 else 8)
     return min(bm, _p2(la)), min(bn, _p2(lb)), block_dh, warps
+
+
+def _gemm_blocks(half: bool) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the gate's hidden-layer products."""
+    if _interpreted():
+        return 32, 32, 32, 4, 1
+    # no spills on sm_90 or sm_80 (`python -m benchmarks.gpu_compile --check`)
+    return (128, 64, 64, 8, 3) if half else (64, 32, 16, 4, 2)
+
+
+def _gate_hidden(a1: Tensor, b1_: Tensor, a2: Optional[Tensor], b2_: Optional[Tensor],
+                 bias: Optional[Tensor], hmask: Optional[Tensor], relu: bool):
+    """The launcher of ``_gate_hidden_kernel``: b1_/b2_ are (N, K) views (any strides);
+    returns C, and with ``hmask`` the per-program column sums."""
+    m, k = a1.shape
+    n = b1_.shape[0]
+    dtype, dev = a1.dtype, a1.device
+    bm, bn, bk, nw, ns = _gemm_blocks(dtype in _HALF)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    c = torch.empty(m, n, dtype=dtype, device=dev)
+    part = torch.empty(grid[0] if hmask is not None else 0, n, dtype=acc_dtype(dtype), device=dev)
+    _gate_hidden_kernel[grid](
+        a1, a1 if a2 is None else a2, b1_, b1_ if b2_ is None else b2_,
+        c if bias is None else bias, c if hmask is None else hmask, c, part,
+        m, n, k, b1_.stride(0), b1_.stride(1),
+        TWO=a2 is not None, HAS_BIAS=bias is not None, RELU=relu, MASKED=hmask is not None,
+        ACC=tl_acc(dtype), **_dot_operands(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=nw, num_stages=ns)
+    return c, part
 
 
 def _row_blocks(d: int) -> Tuple[int, int, int]:
@@ -574,7 +670,7 @@ def gca_forward(
 
     # output projection and gate: cuBLAS products in the input dtype (tensor cores for half)
     xp = o.view(rows, d + _O_TAIL) @ _out_proj_weight(wo, bo).t()
-    h = torch.addmm(b1, xa2, w1[:, :d].t()).addmm_(xp, w1[:, d:].t()).relu_()
+    h, _ = _gate_hidden(xa2, w1[:, :d], xp, w1[:, d:], b1, None, relu=True)
     gpre = torch.addmm(b2, h, w2.t())
 
     y = torch.empty(bsz, la, d, dtype=x_a.dtype, device=dev)  # x_a may be strided
@@ -632,9 +728,9 @@ def gca_backward(
 
     # the gate's layers backward (h is stored post-relu), accumulating into dx_a and dx'
     dw2 = dgpre.t() @ h
-    dhp = torch.ops.aten.threshold_backward(dgpre @ w2, h, 0)
+    dhp, db1_part = _gate_hidden(dgpre, w2.t(), None, None, None, h, relu=False)
     dw1 = torch.cat([dhp.t() @ xa2, dhp.t() @ xp], dim=1)
-    db1 = dhp.sum(0)  # in the input dtype (float32 accumulation on a GPU)
+    db1 = db1_part.sum(0, dtype=dtype)
     dxa.addmm_(dhp, w1[:, :d])
     dxp.addmm_(dhp, w1[:, d:])
     # the output projection: x' = o_ext [Wo | bo | 0]^T, so [dWo | dbo | .] = dx'^T o_ext; a row

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 from benchmarks.gpu_compile import violations  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-KERNELS = {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel", "_gate_out_fwd_kernel",
+KERNELS = {"_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel", "_gate_hidden_kernel", "_gate_out_fwd_kernel",
            "_gate_out_bwd_kernel", "_cos_align_fwd_kernel", "_cos_align_bwd_kernel"}
 
 
