@@ -25,10 +25,9 @@ by default; every one of them can be overridden on the command line.
   keeps its own optimiser defaults.
 
   Where runs under this preset still differ from the authors' code:
-  - negatives reach the loss as the model uses them: ABXI and CDSRNP score one pool per
-    user (`models.layers.per_user_pool`, the first 128 of the (B, L, 128) tensor, i.e. the
-    draw of the first position, shared by the user's positions), not each position's own
-    128, until the model scores `neg_a` / `neg_b` per position;
+  - the draw is the authors'; how it reaches the loss is the model's (`neg_sampling` is
+    passed to it): a model that pools negatives per user (`models.layers.per_user_pool`)
+    scores every position of a user against the first position's 128, not each its own;
   - the authors validate nothing during warm-up and cannot select a warm-up epoch; here
     warm-up epochs are validated and may be selected, but count neither for early stopping
     nor for the plateau rule;
