@@ -14,8 +14,11 @@ Re-implemented from the project's description of the backbone (docs/paper-and-ba
 - InfoNCE (temperature 0.75) against 128 A + 128 B negatives, L = L_A + L_B (each the
   per-user mean over that user's positions of the domain, averaged over the batch).
 
-Substitute (CPU budget): the negatives are one uniform pool per user shared by its
-positions (see `layers.per_user_pool`) instead of a fresh draw per position.
+Negatives (config `neg_sampling`, the pipeline's key): `per_position` scores every position
+against its own 128 A + 128 B (the authors' draw: distinct, none of the user's items, fresh
+per position), through `negative_logits.position_nll`, which never holds the (positions,
+256, d) gather; `per_user` (the default) scores all of a user's positions against one pool
+of 128 + 128 taken from the batch's few per-position draws (`layers.per_user_pool`).
 
 GCA[0]: after the embeddings, between streams a and b. GCA[1]: after the shared attention
 block, before the feed-forward. GCA[2]: after the feed-forward, before the projectors.
@@ -36,8 +39,9 @@ from torch import Tensor, nn
 from models.base import Recommender
 from models.scaling import ScalableMixin, scaled_config
 from models.gca_block import build_gca, next_time_horizon, time_masks, timeline_masks
-from models.layers import (LoRA, SelfAttention, SwiGLU, causal_valid_mask,
-                           negatives_per_position, on_rows, per_user_pool)
+from models.layers import (LoRA, SelfAttention, SwiGLU, causal_valid_mask, check_neg_sampling,
+                           negatives_per_position, on_rows, per_user_pool, position_negatives)
+from models.negative_logits import position_nll
 
 
 class ABXI(ScalableMixin, Recommender):
@@ -51,7 +55,7 @@ class ABXI(ScalableMixin, Recommender):
         cfg = super().default_config()
         cfg.update({"hidden": 256, "dropout": 0.5, "n_heads": 2, "ffn_inner": 680,
                     "lora_rank_d": 64, "lora_rank_i": 64, "n_neg": 128, "temperature": 0.75,
-                    "init_std": 0.02, "scale_to_match": [],
+                    "init_std": 0.02, "scale_to_match": [], "neg_sampling": "per_user",
                     # compute the dense maps on non-padding rows only (False: plain dense
                     # tensors, e.g. for torch.compile without dynamic shapes)
                     "pack_rows": True})
@@ -61,6 +65,7 @@ class ABXI(ScalableMixin, Recommender):
         config, n_target = scaled_config(type(self), n_items_a, n_items_b, dict(config or {}))
         super().__init__(n_items_a, n_items_b, config)
         c = self.config
+        check_neg_sampling(c["neg_sampling"])
         d, std = c["hidden"], c["init_std"]
         self.item_emb = nn.Embedding(n_items_a + n_items_b + 1, d, padding_idx=0)
         self.pos_emb = nn.Embedding(c["max_len"] + 1, d, padding_idx=0)
@@ -90,7 +95,11 @@ class ABXI(ScalableMixin, Recommender):
 
     @property
     def n_negatives(self) -> Dict[str, int]:
-        k = negatives_per_position(self.config["n_neg"], self.config["max_len"])
+        """Negatives per position and domain the sampler draws: n_neg each (per_position), or
+        enough for one pool of n_neg per user (per_user)."""
+        k = self.config["n_neg"]
+        if self.config["neg_sampling"] != "per_position":
+            k = negatives_per_position(k, self.config["max_len"])
         return {"A": k, "B": k}
 
     # ---- encoder ---------------------------------------------------------------------------
@@ -173,15 +182,19 @@ class ABXI(ScalableMixin, Recommender):
 
     def loss(self, batch: Dict[str, Tensor]) -> Tuple[Tensor, Dict[str, float]]:
         h = self.position_states(batch)
-        tdom = batch["target_domain"]
-        k = self.config["n_neg"]
-        pool = torch.cat([per_user_pool(batch["neg_a"], k), per_user_pool(batch["neg_b"], k)], dim=1)
-        target = batch["target"]
-        vec = self.item_emb(torch.cat([target, pool], dim=1))
-        pos = (h * vec[:, :target.shape[1]]).sum(-1, keepdim=True)
-        neg = torch.bmm(h, vec[:, target.shape[1]:].transpose(1, 2))
-        logits = torch.cat([pos, neg], dim=-1) / self.config["temperature"]
-        nll = -F.log_softmax(logits, dim=-1)[..., 0]
+        tdom, target = batch["target_domain"], batch["target"]
+        k, temp = self.config["n_neg"], self.config["temperature"]
+        if self.config["neg_sampling"] == "per_position":
+            neg = torch.cat([position_negatives(batch["neg_a"], k, "neg_a"),
+                             position_negatives(batch["neg_b"], k, "neg_b")], dim=-1)
+            nll = position_nll(h, self.item_emb.weight, target, neg, temp, self.item_emb.padding_idx)
+        else:
+            pool = torch.cat([per_user_pool(batch["neg_a"], k), per_user_pool(batch["neg_b"], k)], dim=1)
+            vec = self.item_emb(torch.cat([target, pool], dim=1))
+            pos = (h * vec[:, :target.shape[1]]).sum(-1, keepdim=True)
+            neg = torch.bmm(h, vec[:, target.shape[1]:].transpose(1, 2))
+            logits = torch.cat([pos, neg], dim=-1) / temp
+            nll = -F.log_softmax(logits, dim=-1)[..., 0]
         total = nll.new_zeros(())
         logs = {}
         for d in (0, 1):

@@ -15,8 +15,11 @@ positions 0 and 1. No public code exists; this is built from the project's descr
   of them seen in both domains on the provided data); the prior is the support set's
   Gaussian, the posterior adds the user's own pairs. The decoder conditions the next-item
   scores on a latent sample: u' = u + MLP([u ; z]); score = <u', item>;
-- loss: sampled softmax against a per-user pool of negatives of the target's domain,
-  L_A + L_B + kl_weight x KL(posterior || prior).
+- loss: sampled softmax against n_neg negatives of the target's domain,
+  L_A + L_B + kl_weight x KL(posterior || prior). The negatives (config `neg_sampling`, the
+  pipeline's key): `per_position` = each position's own n_neg (scored by
+  `negative_logits.position_nll` without the (positions, n_neg, d) gather); `per_user` (the
+  default) = one pool per user shared by its positions (`layers.per_user_pool`).
 
 Leak-freeness (a design choice, documented as such): the decoder uses a sample of the
 *prior* (reparameterised in training, its mean in evaluation), so a user's scores never see
@@ -40,7 +43,9 @@ from torch import Tensor, nn
 from models.base import Recommender, gather_rows
 from models.scaling import ScalableMixin, scaled_config
 from models.gca_block import build_gca, time_masks
-from models.layers import PreNormBlock, causal_valid_mask, negatives_per_position, per_user_pool, time_positions
+from models.layers import (PreNormBlock, causal_valid_mask, check_neg_sampling, negatives_per_position,
+                           per_user_pool, position_negatives, time_positions)
+from models.negative_logits import position_nll
 
 
 class SetEncoder(nn.Module):
@@ -85,13 +90,14 @@ class CDSRNP(ScalableMixin, Recommender):
         cfg = super().default_config()
         cfg.update({"hidden": 128, "dropout": 0.2, "n_blocks": 2, "n_heads": 2, "ffn_inner": 256,
                     "latent": 64, "set_hidden": 128, "kl_weight": 0.1, "n_neg": 128,
-                    "temperature": 1.0, "init_std": 0.02, "scale_to_match": []})
+                    "temperature": 1.0, "init_std": 0.02, "scale_to_match": [], "neg_sampling": "per_user"})
         return cfg
 
     def __init__(self, n_items_a: int, n_items_b: int, config: Dict[str, Any] | None = None):
         config, n_target = scaled_config(type(self), n_items_a, n_items_b, dict(config or {}))
         super().__init__(n_items_a, n_items_b, config)
         c = self.config
+        check_neg_sampling(c["neg_sampling"])
         d = c["hidden"]
         self.item_emb = nn.Embedding(n_items_a + n_items_b + 1, d, padding_idx=0)
         self.pos_emb = nn.ModuleDict({s: nn.Embedding(c["max_len"] + 1, d, padding_idx=0) for s in "ab"})
@@ -115,7 +121,11 @@ class CDSRNP(ScalableMixin, Recommender):
 
     @property
     def n_negatives(self) -> Dict[str, int]:
-        k = negatives_per_position(self.config["n_neg"], self.config["max_len"])
+        """Negatives per position and domain the sampler draws: n_neg each (per_position), or
+        enough for one pool of n_neg per user (per_user)."""
+        k = self.config["n_neg"]
+        if self.config["neg_sampling"] != "per_position":
+            k = negatives_per_position(k, self.config["max_len"])
         return {"A": k, "B": k}
 
     # ---- encoders -------------------------------------------------------------------------------
@@ -191,12 +201,18 @@ class CDSRNP(ScalableMixin, Recommender):
         tdom, target = batch["target_domain"], batch["target"]
         h = torch.where((tdom == 1).unsqueeze(-1), out["b"], out["a"])
         k = c["n_neg"]
-        pool_a = self.item_emb(per_user_pool(batch["neg_a"], k))
-        pool_b = self.item_emb(per_user_pool(batch["neg_b"], k))
-        pos = (h * self.item_emb(target)).sum(-1, keepdim=True)
-        neg = torch.where((tdom == 1).unsqueeze(-1), torch.bmm(h, pool_b.transpose(1, 2)),
-                          torch.bmm(h, pool_a.transpose(1, 2)))
-        nll = -F.log_softmax(torch.cat([pos, neg], dim=-1) / c["temperature"], dim=-1)[..., 0]
+        if c["neg_sampling"] == "per_position":
+            neg_ids = torch.where((tdom == 1).unsqueeze(-1), position_negatives(batch["neg_b"], k, "neg_b"),
+                                  position_negatives(batch["neg_a"], k, "neg_a"))
+            nll = position_nll(h, self.item_emb.weight, target, neg_ids, c["temperature"],
+                               self.item_emb.padding_idx)
+        else:
+            pool_a = self.item_emb(per_user_pool(batch["neg_a"], k))
+            pool_b = self.item_emb(per_user_pool(batch["neg_b"], k))
+            pos = (h * self.item_emb(target)).sum(-1, keepdim=True)
+            neg = torch.where((tdom == 1).unsqueeze(-1), torch.bmm(h, pool_b.transpose(1, 2)),
+                              torch.bmm(h, pool_a.transpose(1, 2)))
+            nll = -F.log_softmax(torch.cat([pos, neg], dim=-1) / c["temperature"], dim=-1)[..., 0]
         total = nll.new_zeros(())
         logs: Dict[str, float] = {}
         for d in (0, 1):

@@ -145,16 +145,37 @@ class PostNormBlock(nn.Module):
 
 
 def per_user_pool(neg: Tensor, k: int) -> Tensor:
-    """(B, L, K') per-position negatives flattened into one pool of k per user (B, k).
-
-    Why: a per-position gather of hundreds of negatives (B*L*K*d floats) does not fit a CPU
-    budget; one uniform pool per user shared by that user's positions keeps the sampled
-    softmax unbiased per position and costs one (B, L, d) x (B, d, k) product."""
+    """(B, L, K') per-position negatives flattened into one pool of k per user (B, k): the
+    `per_user` mode. One uniform pool shared by the user's positions keeps the sampled softmax
+    unbiased per position and costs one (B, L, d) x (B, d, k) product; `per_position` draws
+    are scored position by position instead (`negative_logits.position_nll`)."""
     pool = neg.reshape(neg.shape[0], -1)
     if pool.shape[1] < k:
         raise ValueError(f"need {k} negatives per user, the batch holds {pool.shape[1]} "
                          f"(neg shape {tuple(neg.shape)})")
     return pool[:, :k]
+
+
+# How the training negatives were drawn (the pipeline's `neg_sampling`, which every model
+# receives in its config): `per_user` = a few per position, pooled per user by the models;
+# `per_position` = K distinct per position, scored by that position alone.
+NEG_SAMPLING = ("per_user", "per_position")
+
+
+def check_neg_sampling(value: str) -> str:
+    if value not in NEG_SAMPLING:
+        raise ValueError(f"neg_sampling must be one of {', '.join(NEG_SAMPLING)}, got {value!r}")
+    return value
+
+
+def position_negatives(neg: Tensor, k: int, key: str) -> Tensor:
+    """(B, L, K) per-position negatives -> (B, L, k), the first k of every position. Each
+    position's K are distinct and in random order (cdsr.batching.draw_distinct), so its first
+    k are a uniform k-subset of the same draw."""
+    if neg.dim() != 3 or neg.shape[2] < k:
+        raise ValueError(f"{key} must be (B, L, K) with K >= n_neg = {k} negatives per position, "
+                         f"got {tuple(neg.shape)} (neg_sampling=per_position: set train_negatives >= {k})")
+    return neg[..., :k]
 
 
 def negatives_per_position(k: int, max_len: int) -> int:
