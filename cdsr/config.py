@@ -81,7 +81,7 @@ RESUMABLE_KEYS = {"device", "threads", "progress", "out", "resume", "epochs", "d
 # left out of a run's identity (its folder hash, the resume check), so runs recorded without
 # them keep their folders and resume.
 QUIET_DEFAULTS = {"warmup_unit": "step", "lr_plateau_patience": 0, "lr_plateau_factor": 0.3162,
-                  "neg_sampling": "per_user", "train_negatives": 0}
+                  "neg_sampling": "per_user", "train_negatives": 0, "align_reg": 0.0}
 
 
 def comparable(cfg: Dict[str, Any]) -> Dict[str, Any]:
