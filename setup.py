@@ -40,7 +40,8 @@ CPU_SOURCES = ["bindings.cpp", "arg_checks.cpp", "cpu_memory.cpp", "row_compacti
                "gca_orchestration.cpp", "gca_cpu.cpp", "attention_cpu.cpp", "row_epilogue_cpu.cpp",
                "cosine_cpu.cpp"]
 CUDA_SOURCES = ["bindings_cuda.cpp", "arg_checks.cpp", "cpu_memory.cpp", "row_compaction.cpp",
-                "gca_orchestration.cpp", "gca_cuda.cu", "cosine_cuda.cu"]
+                "gca_orchestration.cpp", "gca_cuda.cu", "attention_cuda.cu", "row_epilogue_cuda.cu",
+                "cosine_cuda.cu"]
 # -O3 and OpenMP; no -march=native: the wheel may run on another CPU than the one building it.
 # -fno-math-errno: sqrt may then be a vector instruction (with errno to set, GCC keeps it a scalar
 # call guarded by a branch); nothing here reads errno.

@@ -86,8 +86,8 @@ struct GCAKernels {
   void (*relu_bwd_sum)(at::Tensor& dh, const at::Tensor& h, at::Tensor& db1);
   // out (cols) = the column sums of x (rows, cols): the bias gradients.
   void (*col_sum)(const at::Tensor& x, at::Tensor& out);
-  // dq (N, d) and dkv (M, 2d) from do (N, d), recomputing p from lse. The CUDA kernel adds
-  // into dkv (zeros on entry); the CPU kernel zeroes each batch row's block itself.
+  // dq (N, d) and dkv (M, 2d) from do (N, d), recomputing p from lse; every row of dq and dkv
+  // is written (zeros where no key, or no query, is visible).
   void (*attn_bwd)(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& o,
                    const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& kpm,
                    const at::Tensor& am, at::Tensor& dq, at::Tensor& dkv, const RowLayout& lay);

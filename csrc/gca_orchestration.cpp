@@ -274,8 +274,8 @@ std::vector<at::Tensor> gca_backward(const DeviceBackend& be, const at::Tensor& 
   product_into(dg_pre, dxp, w.wo);
   at::Tensor dout = dg_pre;        // dg_pre is dead: its buffer takes d(o)
   at::Tensor dq = std::move(dxp);  // dxp dies as d(o) is formed: dq takes it
-  at::Tensor dkv = scratch(kSlotDkv, {kr.n, 2 * d}, opts);  // compact: unpadded keys only
-  if (dev != c10::DeviceType::CPU) dkv.zero_();  // the CPU kernel zeroes it block by block
+  // compact: unpadded keys only; the kernels write every row (zeros for keys nobody sees)
+  at::Tensor dkv = scratch(kSlotDkv, {kr.n, 2 * d}, opts);
   {
     RECORD_FUNCTION("gca::attn_bwd", std::vector<c10::IValue>());  // named in profiles
     K.attn_bwd(s.q, s.kv, s.o, dout, s.lse, opt(kpm), opt(am), dq, dkv, stored);
