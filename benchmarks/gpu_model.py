@@ -121,6 +121,12 @@ _TRITON_WRITES = {
 _ATTN_DOTS = {"_attn_fwd_kernel": 2, "_attn_bwd_dq_kernel": 5, "_attn_bwd_dkdv_kernel": 4}
 
 
+# Pointer arguments a kernel touches only when a constexpr flag is set (else a placeholder).
+_FLAGGED = {"KPM": "HAS_KPM", "AM": "HAS_AM", "LNW": "HAS_LN", "LNB": "HAS_LN",
+            "BIAS": "HAS_BIAS", "HMASK": "MASKED", "PART": "MASKED", "A2": "TWO", "B2": "TWO",
+            "DK": "WANT_DK", "DV": "WANT_DV"}
+
+
 class _Launch:
     def __init__(self, fn, kernels: List[Kernel], keep: List[torch.Tensor]):
         self.fn, self.kernels, self.keep = fn, kernels, keep
@@ -136,6 +142,8 @@ class _Launch:
             for arg, v in values.items():
                 if not isinstance(v, torch.Tensor) or (_key(v), arg in writes_names) in seen:
                     continue
+                if arg in _FLAGGED and not values.get(_FLAGGED[arg], True):
+                    continue  # a placeholder pointer the kernel does not touch
                 seen.add((_key(v), arg in writes_names))
                 self.keep.append(v)
                 item = (_key(v), v.numel() * v.element_size())
