@@ -25,9 +25,9 @@ by default; every one of them can be overridden on the command line.
   keeps its own optimiser defaults.
 
   Where runs under this preset still differ from the authors' code:
-  - the draw is the authors'; how it reaches the loss is the model's (`neg_sampling` is
-    passed to it): a model that pools negatives per user (`models.layers.per_user_pool`)
-    scores every position of a user against the first position's 128, not each its own;
+  - ABXI scores each position against its own 128 A + 128 B, as the authors' InfoNCE
+    does; CDSRNP scores each position against its own n_neg of the target's domain (its
+    loss shape, no public code to follow);
   - the authors validate nothing during warm-up and cannot select a warm-up epoch; here
     warm-up epochs are validated and may be selected, but count neither for early stopping
     nor for the plateau rule;
