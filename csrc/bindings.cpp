@@ -1,5 +1,5 @@
-// Python bindings of the CPU extension gca_kernels._C. gca_kernels/ops/cpp.py wraps these in
-// torch.library custom ops; call them through gca_kernels, not directly.
+// Python bindings of the CPU extension gca_kernels._C. gca_kernels/ops/extension_ops.py wraps
+// these in torch.library custom ops; call them through gca_kernels, not directly.
 #include <torch/extension.h>
 
 #include "cpu_memory.h"

@@ -1,4 +1,4 @@
-// Python bindings of the CUDA extension gca_kernels._C_cuda. gca_kernels/ops/cpp.py wraps
+// Python bindings of the CUDA extension gca_kernels._C_cuda. gca_kernels/ops/extension_ops.py wraps
 // these in torch.library custom ops; call them through gca_kernels, not directly.
 #include <torch/extension.h>
 

@@ -202,7 +202,7 @@ def test_scratch_memory_is_reused_across_calls_without_aliasing_results():
 
 def test_recycled_outputs_never_alias_live_tensors_and_come_back_once_dropped():
     # Outputs, gradients and saved intermediates of 64 KiB and more come from a per-thread pool
-    # (recycled_empty in csrc/gca_core.cpp): a buffer is handed out again only once nothing
+    # (recycled_empty in csrc/cpu_memory.cpp): a buffer is handed out again only once nothing
     # refers to it, and then instead of a fresh allocation.
     p = cast_problem(left_padded_problem(**COMPACT_CASES["wide-head"]), torch.float32)
     gca_kernels.release_cpu_workspace()

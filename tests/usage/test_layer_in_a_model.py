@@ -4,7 +4,7 @@ sides of every internal size threshold of every backend present, at 1 and 2 thre
 
 Thresholds, read from the code (a shape is named after the one it sits next to):
 
-- ``csrc/gca_core.cpp``
+- ``csrc/row_compaction.cpp``, ``csrc/gca_orchestration.cpp``, ``csrc/cpu_memory.cpp``
   - ``kCompactMinRows = 128``: fewer rows (B*La queries, B*Lb keys) always take the dense path.
   - ``kCompactMaxFraction = 0.9``: above this active fraction the dense path runs, below it the
     products run on the active rows only ("few_keyless" / "many_keyless" batches).
@@ -12,8 +12,9 @@ Thresholds, read from the code (a shape is named after the one it sits next to):
     rows in two halves computed on two threads (the parallel region that crashed dense
     batches of 1,024+ rows when its workers did not run with the caller's autograd state).
   - ``kPoolMinBytes = 64 KiB``: smaller tensors bypass the recycled-block pool.
-- ``csrc/gca_cpu.cpp``
-  - ``kW = 16`` keys per score block, ``kG = 4`` query rows per group: Lb and La around them.
+- ``csrc/attention_tiles_cpu.h``, ``csrc/row_epilogue_cpu.cpp``
+  - ``kKeyBlock = 16`` keys per score block, ``kQueryGroup = 4`` query rows per group: Lb and La
+    around them.
   - 16-wide transposes of k/v (d around multiples of 16); ``kRowsPerChunk = 64`` rows per
     partial sum of the bias/LayerNorm reductions; 4 row partials in the gate backward.
 - ``csrc/cosine_cpu.cpp``: 16 rows per vector group, ``kRowsPerChunk = 256`` rows per partial
