@@ -528,18 +528,18 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _p2(n: int, lo: int = 16) -> int:
+def _pow2_block(n: int, lo: int = 16) -> int:
     # tl.dot needs every block dimension >= 16
     return max(lo, triton.next_power_of_2(max(n, 1)))
 
 
 def _attn_blocks(la: int, lb: int, dh: int, half: bool) -> Tuple[int, int, int, int]:
     """(query block, key block, head-dim block, warps) of the attention kernels."""
-    block_dh = _p2(dh)
+    block_dh = _pow2_block(dh)
     if _interpreted():
         # the interpreter pays per program and per loop step, not per element
         cap = max(16, _INTERP_MAX_SEQ_BLOCK)
-        return min(cap, _p2(la)), min(cap, _p2(lb)), block_dh, 4
+        return min(cap, _pow2_block(la)), min(cap, _pow2_block(lb)), block_dh, 4
     # the largest tiles with no spills in any of the three kernels on sm_90 and sm_80
     # (`python -m benchmarks.gpu_compile --check`, dh 16-128): tensor-core dots 64 x 32 up to
     # dh 32, 32 x 32 above; exact float32 dots run on FMA units and hold more registers,
@@ -548,7 +548,7 @@ def _attn_blocks(la: int, lb: int, dh: int, half: bool) -> Tuple[int, int, int, 
         bm, bn, warps = (64, 32, 4) if block_dh <= 32 else (32, 32, 8)
     else:
         bm, bn, warps = 16, 16, (4 if block_dh <= 32 else 8)
-    return min(bm, _p2(la)), min(bn, _p2(lb)), block_dh, warps
+    return min(bm, _pow2_block(la)), min(bn, _pow2_block(lb)), block_dh, warps
 
 
 def _gemm_blocks(half: bool) -> Tuple[int, int, int, int, int]:
