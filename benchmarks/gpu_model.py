@@ -164,7 +164,6 @@ class _Launch:
 
 def _inputs(shape, dtype, device="meta", grad=False):
     B, L, d, H = shape
-    g = torch.Generator().manual_seed(0)
 
     def e(*s):
         t = torch.empty(*s, dtype=dtype, device=device)
@@ -175,7 +174,6 @@ def _inputs(shape, dtype, device="meta", grad=False):
     ln = [e(d), e(d)]
     kpm = torch.zeros(B, L, dtype=torch.bool, device=device)
     am = torch.ones(L, L, dtype=torch.bool, device=device).triu(1)[None]
-    del g
     return x_a, x_b, w, ln, kpm, am
 
 
@@ -194,7 +192,6 @@ def trace_eager(shape, dtype) -> List[Kernel]:
 
 
 def trace_fused(shape, dtype) -> List[Kernel]:
-    from gca_kernels.ops import triton_cosine as C
     from gca_kernels.ops import triton_gca as T
 
     B, L, d, H = shape
@@ -215,7 +212,6 @@ def trace_fused(shape, dtype) -> List[Kernel]:
     finally:
         for n, fn in originals.items():
             setattr(T, n, fn)
-    del C
     return kernels
 
 
