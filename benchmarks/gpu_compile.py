@@ -66,9 +66,7 @@ def _record_launches(shape, dtype) -> List[dict]:
     from gca_kernels.ops import triton_gca as T
 
     calls: List[dict] = []
-    kernels = {T: ["_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel",
-                   "_gate_hidden_kernel", "_gate_out_fwd_kernel", "_gate_out_bwd_kernel"],
-               C: ["_cos_align_fwd_kernel", "_cos_align_bwd_kernel"]}
+    kernels = {T: list(T.KERNELS), C: ["_cos_align_fwd_kernel", "_cos_align_bwd_kernel"]}
     originals = {(m, n): getattr(m, n) for m, names in kernels.items() for n in names}
     try:
         for (m, n), fn in originals.items():
@@ -80,8 +78,8 @@ def _record_launches(shape, dtype) -> List[dict]:
         kpm = torch.zeros(B, L, dtype=torch.bool, device="meta")
         am = torch.ones(L, L, dtype=torch.bool, device="meta").triu(1)[None]
         y, cos, saved = T.gca_forward(x_a, x_b, *w, e(d), e(d), kpm, am, H, "sigmoid", 1e-5)
-        T.gca_backward(e(B, L, d), e(B, L), x_a, x_b, w[0], w[2], w[4], w[6], w[8], w[10],
-                       e(d), kpm, am, saved, H, "sigmoid", 1e-5)
+        T.gca_backward(e(B, L, d), e(B, L), x_a, x_b, w[6], w[8], w[10], e(d), kpm, am, saved,
+                       H, "sigmoid", 1e-5)
         C.cosine_alignment_forward(x_a, y, ~kpm, True)
         C.cosine_alignment_backward(torch.ones((), device="meta"), x_a, y, ~kpm, True)
     finally:

@@ -114,7 +114,8 @@ _TRITON_WRITES = {
     "_attn_bwd_dkdv_kernel": ("DK", "DV", "DBKV_PART"),
     "_gate_hidden_kernel": ("C", "PART"),
     "_gate_out_fwd_kernel": ("Y", "COS", "MEAN", "RSTD"),
-    "_gate_out_bwd_kernel": ("DXA", "DXP", "DGPRE", "DB2_PART", "DLNW_PART", "DLNB_PART"),
+    "_gate_out_bwd_kernel": ("DXA", "DXP", "DGPRE", "PART"),
+    "_pack_weights_kernel": ("P",), "_column_sums_kernel": ("OUT",),
     "_cos_align_fwd_kernel": ("PARTIAL",), "_cos_align_bwd_kernel": ("DX", "DY"),
 }
 # dots per kernel: forward s, pv; dq: s, dp twice, then dq; dkdv: s, dv, dp, dk
@@ -192,13 +193,14 @@ def trace_eager(shape, dtype) -> List[Kernel]:
 
 
 def trace_fused(shape, dtype) -> List[Kernel]:
+    """The Triton backend's launches for one forward and backward, then the copy autograd makes
+    of each gradient whose layout differs from its parameter's (AccumulateGrad)."""
     from gca_kernels.ops import triton_gca as T
 
     B, L, d, H = shape
     x_a, x_b, w, ln, kpm, am = _inputs(shape, dtype)
     kernels: List[Kernel] = []
-    names = [n for n in _TRITON_WRITES if n.startswith(("_attn", "_gate"))]
-    originals = {n: getattr(T, n) for n in names}
+    originals = {n: getattr(T, n) for n in T.KERNELS}
     trace = _Trace(kernels)
     try:
         for n, fn in originals.items():
@@ -207,8 +209,11 @@ def trace_fused(shape, dtype) -> List[Kernel]:
             y, cos, saved = T.gca_forward(x_a, x_b, *w, *ln, kpm, am, H, "sigmoid", 1e-5)
             dy = torch.empty(B, L, d, dtype=dtype, device="meta")
             dcos = torch.empty(B, L, dtype=dtype, device="meta")
-            T.gca_backward(dy, dcos, x_a, x_b, w[0], w[2], w[4], w[6], w[8], w[10], ln[0], kpm,
-                           am, saved, H, "sigmoid", 1e-5)
+            g = T.gca_backward(dy, dcos, x_a, x_b, w[6], w[8], w[10], ln[0], kpm, am, saved, H,
+                               "sigmoid", 1e-5)
+            for grad in T.split_grads(g, d, w[10].shape[0], True):
+                if grad is not None and not grad.is_contiguous():
+                    grad.contiguous()
     finally:
         for n, fn in originals.items():
             setattr(T, n, fn)
@@ -291,8 +296,7 @@ def saved_bytes_fused(shape, dtype) -> int:
 
     B, L, d, H = shape
     x_a, x_b, w, ln, kpm, am = _inputs(shape, dtype)
-    names = [n for n in _TRITON_WRITES if n.startswith(("_attn", "_gate"))]
-    originals = {n: getattr(T, n) for n in names}
+    originals = {n: getattr(T, n) for n in T.KERNELS}
     try:
         for n, fn in originals.items():
             setattr(T, n, _Launch(fn, [], []))

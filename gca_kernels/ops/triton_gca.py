@@ -7,12 +7,15 @@ hidden layer with its relu (and its backward with the relu mask and db1), and on
 way (gate activation, Hadamard residual, LayerNorm, cosine). The other products are cuBLAS
 calls through torch in the input dtype (tensor cores for half): q, k | v as one product that
 reads x_b once, the output projection, the gate's output layer, and backward's products, which
-accumulate into their outputs in place (``addmm_``). Saved for backward: the inputs and weights,
-q, k | v, o, the logsumexp, the LayerNorm mean/rstd, x', h and g_pre (``Saved``):
-O(B * (La + Lb) * (d + gate width)) memory, never O(La * Lb).
+accumulate into their outputs in place (``addmm_``). Small launches are merged (the weight
+layouts in one, the bias reductions in one). Saved for backward: the inputs and weights, q,
+k | v, o, the logsumexp, the LayerNorm mean/rstd, x', h, g_pre and the packed weights
+(``Saved``): O(B * (La + Lb) * (d + gate width)) memory, never O(La * Lb).
 
 Forward
 -------
+``_pack_weights_kernel``, one launch: the weight layouts the products use, in one flat buffer
+kept for backward: ``[Wk ; Wv]``, ``[bk | bv]``, ``[Wo | bo | 0 x 7]`` and ``[W1a ; Wq]``.
 ``q = x_a Wq^T + bq``, ``[k | v] = x_b [Wk ; Wv]^T + [bk | bv]`` (torch).
 
 ``_attn_fwd_kernel``, grid (B * H, La blocks): flash attention over the visible keys. The
@@ -23,7 +26,7 @@ log-sum-exp per (B, H, La) row. A query row that sees no key gets ``o = 0``, ``h
 ``lse = +inf`` (which makes backward's ``exp(s - lse)`` exactly 0 there, with no NaN).
 
 ``x' = o_ext [Wo | bo | 0]^T`` (torch): ``o Wo^T + has_key * bo``, so x' = 0 on keyless rows
-without a masking pass, and ``[dWo | dbo]`` comes out of one product in backward.
+without a masking pass, and ``[dWo^T ; dbo]`` comes out of one product in backward.
 
 ``_gate_hidden_kernel``: ``h = relu(x_a W1a^T + x' W1b^T + b1)``, W1 read as its two column
 halves (``[x_a ; x']`` never exists), h written once. ``g_pre = h W2^T + b2`` (torch).
@@ -36,20 +39,24 @@ Backward
 ``_gate_out_bwd_kernel``, row blocks: the LayerNorm backward, the gate activation's derivative
 (g recomputed from g_pre) and the cosine's backward, writing ``dg_pre``, ``dz * g`` + the
 cosine's part of ``dx'``, ``dz`` + its part of ``dx_a``, and per-program partial sums for
-dln_w, dln_b and db2. ``_gate_hidden_kernel`` again: ``dh_pre = (dg_pre W2) * (h > 0)`` with
-db1's partial sums. torch: dW2, dW1, ``dx_a += dh_pre W1a``, ``dx' += dh_pre W1b``,
-``[dWo | dbo] = dx'^T o_ext`` (a keyless row has o = 0 and has_key = 0: it adds nothing),
-``do = dx' Wo``.
+db2, dln_w and dln_b. ``_gate_hidden_kernel`` again: ``dh_pre = (dg_pre W2) * (h > 0)`` with
+db1's partial sums, written into the left columns of one (rows, gate width + d) buffer whose
+right columns will hold dq. torch: dW2, dW1 (its two halves written in place), ``dx' += dh_pre
+W1b``, ``[dWo^T ; dbo ; 0] = o_ext^T dx'`` (a keyless row has o = 0 and has_key = 0: it adds
+nothing; dbo is a contiguous row, dWo comes back transposed and autograd copies it into the
+parameter's layout), ``do = dx' Wo``.
 
 ``_attn_bwd_dq_kernel``, grid (B * H, La blocks): recomputes ``p = exp(q k^T / sqrt(dh) - lse)``
 and ``dp = do v^T`` over the visible keys twice: a first pass sums ``delta = sum_j p dp`` (stored
 for the next kernel; equal to flash attention's ``rowsum(do * o)`` but exact where a row has a
 single visible key, so ``ds`` is exactly 0 there as in eager autograd), the second accumulates
-``dq`` and dbq's partial sums.
+``dq`` (into the shared buffer, next to dh_pre) and dbq's partial sums.
 ``_attn_bwd_dkdv_kernel``, grid (B * H, Lb blocks): recomputes ``p`` the same way for its key
 block over all query blocks and accumulates ``dk`` and ``dv`` (and dbk, dbv partial sums) into
-one (B, Lb, 2d) buffer; torch then gives ``dx_b = [dk | dv] [Wk ; Wv]`` in one product and
-``dx_a += dq Wq`` in place.
+one (B, Lb, 2d) buffer. torch: ``dx_a += [dh_pre | dq] [W1a ; Wq]`` (one product, one pass
+over dx_a), ``dx_b = [dk | dv] [Wk ; Wv]``, dWq and ``[dWk ; dWv]``.
+``_column_sums_kernel``, one launch: every bias and LayerNorm-parameter gradient from the
+partial sums, which all live in one workspace.
 No kernel uses atomics: every output element is written by exactly one program and every
 reduction has a fixed order, so results are bit-identical run to run.
 
@@ -99,6 +106,11 @@ from gca_kernels.ops.triton_cosine import (
 from gca_kernels.reference import COS_EPS
 
 _INF = float("inf")
+
+# Every Triton kernel the GCA launchers use (the compile gate and the GPU model patch these).
+KERNELS = ("_pack_weights_kernel", "_attn_fwd_kernel", "_gate_hidden_kernel",
+           "_gate_out_fwd_kernel", "_gate_out_bwd_kernel", "_attn_bwd_dq_kernel",
+           "_attn_bwd_dkdv_kernel", "_column_sums_kernel")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -223,9 +235,9 @@ def _attn_bwd_dq_kernel(
     AM,  # (Bm, La, Lb) uint8
     SCAL,  # (3,) acc dtype: [ln_eps, cos_eps, 1/sqrt(DH)]
     DELTA,  # (B, H, La) acc dtype, output: sum_j p_ij dp_ij per head
-    DQ,  # (B, La, D) input dtype, output
+    DQ,  # (B, La, .) input dtype, output, row stride SDQ (a column block of a wider buffer)
     DBQ_PART,  # (B * query blocks, D) acc dtype, output: per-program column sums of dq
-    La, Lb, D, DH, H, stride_amb, SKV,
+    La, Lb, D, DH, H, stride_amb, SKV, SDQ,
     HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, ACC: tl.constexpr,
     OPD: tl.constexpr, HALF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr,
@@ -278,7 +290,9 @@ def _attn_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq = _dot(ds, k, dq, OPD, HALF)
     dq = dq * scale
-    tl.store(DQ + q_offs, dq.to(DQ.dtype.element_ty), mask=qmask)
+    # q's offsets moved to DQ's row stride
+    dq_offs = q_offs + (b * La + offs_m[:, None]) * (SDQ - D)
+    tl.store(DQ + dq_offs, dq.to(DQ.dtype.element_ty), mask=qmask)
     part = (b * tl.num_programs(1) + pid_m) * D + h * DH + offs_c
     tl.store(DBQ_PART + part, tl.sum(dq, axis=0), mask=offs_c < DH)
 
@@ -411,9 +425,8 @@ def _gate_out_bwd_kernel(
     DXA,  # (R, D) input dtype, output: dz + the cosine's part of dx_a
     DXP,  # (R, D) input dtype, output: dz * g + the cosine's part of dx'
     DGPRE,  # (R, D) input dtype, output: gradient of g_pre
-    DB2_PART,  # (n_programs, D) acc dtype, output: per-program sum of dg_pre (for b2)
-    DLNW_PART,  # (n_programs, D) acc dtype, output: per-program sum of dy * zhat
-    DLNB_PART,  # (n_programs, D) acc dtype, output: per-program sum of dy
+    PART,  # (n_programs, D or 3D) acc dtype, output: per-program column sums of dg_pre (for
+    #        b2), then with HAS_LN of dy * zhat (ln_w) and of dy (ln_b)
     R, D,
     ACT_TANH: tl.constexpr, HAS_LN: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -440,8 +453,9 @@ def _gate_out_bwd_kernel(
         c1 = tl.sum(dzhat, axis=1) / D
         c2 = tl.sum(dzhat * zhat, axis=1) / D
         dz = tl.where(m2, rstd[:, None] * (dzhat - c1[:, None] - zhat * c2[:, None]), 0.0)
-        tl.store(DLNW_PART + pid.to(tl.int64) * D + cols, tl.sum(dy * zhat, axis=0), mask=cmask)
-        tl.store(DLNB_PART + pid.to(tl.int64) * D + cols, tl.sum(dy, axis=0), mask=cmask)
+        part = PART + pid.to(tl.int64) * 3 * D + cols
+        tl.store(part + D, tl.sum(dy * zhat, axis=0), mask=cmask)
+        tl.store(part + 2 * D, tl.sum(dy, axis=0), mask=cmask)
     else:
         dz = dy
 
@@ -454,7 +468,8 @@ def _gate_out_bwd_kernel(
     dcos = tl.load(DCOS + rows, mask=rmask, other=0.0).to(ACC)
     dxa_c, dxp_c = _row_cos_grad(xa, xp, dcos, tl.load(SCAL + 1))
     tl.store(DGPRE + offs, dgpre.to(DGPRE.dtype.element_ty), mask=m2)
-    tl.store(DB2_PART + pid.to(tl.int64) * D + cols, tl.sum(dgpre, axis=0), mask=cmask)
+    tl.store(PART + pid.to(tl.int64) * (3 * D if HAS_LN else D) + cols, tl.sum(dgpre, axis=0),
+             mask=cmask)
     tl.store(DXA + offs, (dz + dxa_c).to(DXA.dtype.element_ty), mask=m2)
     tl.store(DXP + offs, (dz * g + dxp_c).to(DXP.dtype.element_ty), mask=m2)
 
@@ -470,9 +485,9 @@ def _gate_hidden_kernel(
     B2,  # same layout as B1 (read only when TWO)
     BIAS,  # (N,) (read only when HAS_BIAS)
     HMASK,  # (M, N) input dtype: the forward's h; the output is zeroed where h <= 0 (MASKED)
-    C,  # (M, N) input dtype, output
+    C,  # (M, N) input dtype, output, row stride stride_cm (a column block of a wider buffer)
     PART,  # (M blocks, N) acc dtype, output: per-program column sums of C (MASKED)
-    M, N, K, stride_bn, stride_bk,
+    M, N, K, stride_bn, stride_bk, stride_cm,
     TWO: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, MASKED: tl.constexpr,
     ACC: tl.constexpr, OPD: tl.constexpr, HALF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -508,12 +523,84 @@ def _gate_hidden_kernel(
     if RELU:
         acc = tl.maximum(acc, 0.0)
     m2 = mmask[:, None] & nmask[None, :]
-    offs = rm[:, None] * N + rn[None, :]
     if MASKED:
-        h = tl.load(HMASK + offs, mask=m2, other=0.0).to(ACC)
+        h = tl.load(HMASK + rm[:, None] * N + rn[None, :], mask=m2, other=0.0).to(ACC)
         acc = tl.where(h > 0.0, acc, 0.0)
         tl.store(PART + pid_m.to(tl.int64) * N + rn, tl.sum(acc, axis=0), mask=nmask)
-    tl.store(C + offs, acc.to(C.dtype.element_ty), mask=m2)
+    tl.store(C + rm[:, None] * stride_cm + rn[None, :], acc.to(C.dtype.element_ty), mask=m2)
+
+
+# ----------------------------------------------------------------------------- weights and sums
+
+
+@triton.jit
+def _pack_weights_kernel(
+    WQ, WK, WV, WO,  # (D, D) input dtype, contiguous
+    W1,  # (N, 2D) input dtype, contiguous
+    BK, BV, BO,  # (D,) input dtype
+    P,  # flat, input dtype, output: the layouts the products use, one after another:
+    #     [Wk ; Wv] (2D, D) | [bk | bv] (2D,) | [Wo | bo | 0 x 7] (D, D + 8) | [W1a ; Wq] (N + D, D)
+    D, N, WIDTH,  # WIDTH = max(2D, D + 8), the widest packed row
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One launch instead of a concatenation per layout. Virtual rows: [0, 2D) the rows of
+    [Wk ; Wv], [2D, 3D) of [Wo | bo | 0], [3D, 4D + N) of [W1a ; Wq], and 4D + N the row
+    [bk | bv]. Each output element is loaded from exactly one source (masked loads)."""
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
+    is_k = r < D
+    is_v = (r >= D) & (r < 2 * D)
+    is_o = (r >= 2 * D) & (r < 3 * D)
+    is_1 = (r >= 3 * D) & (r < 3 * D + N)
+    is_q = (r >= 3 * D + N) & (r < 4 * D + N)
+    is_b = r == 4 * D + N
+    ro = r - 2 * D  # row of Wo
+    r1 = r - 3 * D  # row of [W1a ; Wq]
+    off_b = 2 * D * D
+    off_o = off_b + 2 * D
+    off_1 = off_o + D * (D + 8)
+    for c0 in range(0, WIDTH, BLOCK_C):
+        c = (c0 + tl.arange(0, BLOCK_C))[None, :]
+        in_d = c < D
+        val = tl.load(WK + r * D + c, mask=is_k & in_d, other=0.0)
+        val = tl.where(is_v, tl.load(WV + (r - D) * D + c, mask=is_v & in_d, other=0.0), val)
+        val = tl.where(is_o, tl.load(WO + ro * D + c, mask=is_o & in_d, other=0.0), val)
+        at_bo = is_o & (c == D)
+        val = tl.where(at_bo, tl.load(BO + ro + c * 0, mask=at_bo, other=0.0), val)
+        val = tl.where(is_1, tl.load(W1 + r1 * 2 * D + c, mask=is_1 & in_d, other=0.0), val)
+        val = tl.where(is_q, tl.load(WQ + (r1 - N) * D + c, mask=is_q & in_d, other=0.0), val)
+        val = tl.where(is_b & in_d, tl.load(BK + c + r * 0, mask=is_b & in_d, other=0.0), val)
+        at_bv = is_b & (c >= D) & (c < 2 * D)
+        val = tl.where(at_bv, tl.load(BV + (c - D) + r * 0, mask=at_bv, other=0.0), val)
+        dst = tl.where(r < 2 * D, r * D + c,
+                       tl.where(is_o, off_o + ro * (D + 8) + c,
+                                tl.where(is_b, off_b + c, off_1 + r1 * D + c)))
+        ok = (((r < 2 * D) | is_1 | is_q) & in_d) | (is_o & (c < D + 8)) | (is_b & (c < 2 * D))
+        tl.store(P + dst, val, mask=ok)
+
+
+@triton.jit
+def _column_sums_kernel(
+    WS,  # flat acc dtype: up to four row-major blocks of per-program partial sums
+    OUT,  # flat input dtype, output: each block's column sums, block after block
+    o0, p0, c0, o1, p1, c1, o2, p2, c2, o3, p3, c3,  # block s: at WS + o_s, P_s rows, C_s columns
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Program (i, s) reduces column block i of block s: every bias and LayerNorm-parameter
+    gradient of the backward in one launch, in a fixed order (deterministic)."""
+    s = tl.program_id(1)
+    off = tl.where(s == 0, o0, tl.where(s == 1, o1, tl.where(s == 2, o2, o3))).to(tl.int64)
+    n_rows = tl.where(s == 0, p0, tl.where(s == 1, p1, tl.where(s == 2, p2, p3)))
+    n_cols = tl.where(s == 0, c0, tl.where(s == 1, c1, tl.where(s == 2, c2, c3)))
+    out_off = tl.where(s > 0, c0, 0) + tl.where(s > 1, c1, 0) + tl.where(s > 2, c2, 0)
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < n_cols
+    acc = tl.zeros([BLOCK_C], WS.dtype.element_ty)
+    for r0 in range(0, n_rows, BLOCK_P):
+        rows = (r0 + tl.arange(0, BLOCK_P)).to(tl.int64)
+        m2 = (rows < n_rows)[:, None] & cmask[None, :]
+        acc += tl.sum(tl.load(WS + off + rows[:, None] * n_cols + cols[None, :], mask=m2,
+                              other=0.0), axis=0)
+    tl.store(OUT + out_off + cols, acc.to(OUT.dtype.element_ty), mask=cmask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -522,6 +609,9 @@ def _gate_hidden_kernel(
 # Largest sequence block under the interpreter, where big blocks are cheap (numpy) and loop
 # steps are not; tests lower it to run the multi-block paths.
 _INTERP_MAX_SEQ_BLOCK = 64
+# (rows, columns) blocks of the weight packing and the column sums under the interpreter
+_INTERP_PACK_BLOCKS = (64, 64)
+_INTERP_SUM_BLOCKS = (256, 256)
 
 
 def _interpreted() -> bool:
@@ -560,24 +650,30 @@ def _gemm_blocks(half: bool) -> Tuple[int, int, int, int, int]:
 
 
 def _gate_hidden(a1: Tensor, b1_: Tensor, a2: Optional[Tensor], b2_: Optional[Tensor],
-                 bias: Optional[Tensor], hmask: Optional[Tensor], relu: bool):
-    """The launcher of ``_gate_hidden_kernel``: b1_/b2_ are (N, K) views (any strides);
-    returns C, and with ``hmask`` the per-program column sums."""
+                 bias: Optional[Tensor], hmask: Optional[Tensor], relu: bool,
+                 out: Optional[Tensor] = None, part: Optional[Tensor] = None) -> Tensor:
+    """The launcher of ``_gate_hidden_kernel``: b1_/b2_ are (N, K) views (any strides); writes
+    C into ``out`` (rows with unit column stride, e.g. a column block of a wider buffer) or a
+    new tensor, and with ``hmask`` the per-program column sums into ``part``
+    (``gate_hidden_programs(M)`` rows)."""
     m, k = a1.shape
     n = b1_.shape[0]
     dtype, dev = a1.dtype, a1.device
     bm, bn, bk, nw, ns = _gemm_blocks(dtype in _HALF)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    c = torch.empty(m, n, dtype=dtype, device=dev)
-    part = torch.empty(grid[0] if hmask is not None else 0, n, dtype=acc_dtype(dtype), device=dev)
+    c = torch.empty(m, n, dtype=dtype, device=dev) if out is None else out
     _gate_hidden_kernel[grid](
         a1, a1 if a2 is None else a2, b1_, b1_ if b2_ is None else b2_,
-        c if bias is None else bias, c if hmask is None else hmask, c, part,
-        m, n, k, b1_.stride(0), b1_.stride(1),
+        c if bias is None else bias, c if hmask is None else hmask, c,
+        c if part is None else part, m, n, k, b1_.stride(0), b1_.stride(1), c.stride(0),
         TWO=a2 is not None, HAS_BIAS=bias is not None, RELU=relu, MASKED=hmask is not None,
         ACC=tl_acc(dtype), **_dot_operands(dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=nw, num_stages=ns)
-    return c, part
+    return c
+
+
+def _gate_hidden_programs(m: int, dtype: torch.dtype) -> int:
+    return triton.cdiv(m, _gemm_blocks(dtype in _HALF)[0])
 
 
 def _row_blocks(d: int) -> Tuple[int, int, int]:
@@ -629,13 +725,54 @@ class Saved(NamedTuple):
     xp: Tensor  # (B * La, d): x'
     h: Tensor  # (B * La, gate width): relu(h_pre)
     gpre: Tensor  # (B * La, d): the gate's pre-activation
+    packed: Tensor  # flat: the weights' packed layouts (``_unpack``)
 
 
-def _out_proj_weight(wo: Tensor, bo: Tensor) -> Tensor:
-    """[Wo | bo | 0 x 7] (d, d + 8): o_ext @ this^T = o Wo^T + has_key * bo, so x' = 0 on rows
-    that saw no key without a masking pass, and dbo comes out of dWo's product."""
-    d = wo.shape[0]
-    return torch.cat([wo, bo[:, None], wo.new_zeros(d, _O_TAIL - 1)], dim=1)
+def _packed_numel(d: int, n: int) -> int:
+    return 2 * d * d + 2 * d + d * (d + _O_TAIL) + (n + d) * d
+
+
+def _unpack(packed: Tensor, d: int, n: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Views of ``_pack_weights``'s buffer: [Wk ; Wv] (2d, d), [bk | bv] (2d,),
+    [Wo | bo | 0 x 7] (d, d + 8) and [W1a ; Wq] (n + d, d)."""
+    o_b = 2 * d * d
+    o_o = o_b + 2 * d
+    o_1 = o_o + d * (d + _O_TAIL)
+    return (packed[:o_b].view(2 * d, d), packed[o_b:o_o], packed[o_o:o_1].view(d, d + _O_TAIL),
+            packed[o_1:].view(n + d, d))
+
+
+def _pack_weights(wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor, w1: Tensor, bk: Tensor,
+                  bv: Tensor, bo: Tensor) -> Tensor:
+    """One launch for the layouts the products want: k | v as one product ([Wk ; Wv], [bk | bv]);
+    ``x' = o_ext [Wo | bo | 0]^T``, which is ``o Wo^T + has_key * bo`` (x' = 0 on keyless rows
+    without a masking pass, and dbo comes out of dWo's product); and backward's
+    ``dx_a += [dh_pre | dq] [W1a ; Wq]`` as one product."""
+    d, n = wq.shape[0], w1.shape[0]
+    packed = torch.empty(_packed_numel(d, n), dtype=wq.dtype, device=wq.device)
+    n_rows = 4 * d + n + 1
+    block_r, block_c = _INTERP_PACK_BLOCKS if _interpreted() else (8, 128)
+    _pack_weights_kernel[(triton.cdiv(n_rows, block_r),)](
+        wq.contiguous(), wk.contiguous(), wv.contiguous(), wo.contiguous(), w1.contiguous(),
+        bk.contiguous(), bv.contiguous(), bo.contiguous(), packed, d, n,
+        max(2 * d, d + _O_TAIL), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    return packed
+
+
+def _column_sums(ws: Tensor, blocks: List[Tuple[int, int]], dtype: torch.dtype) -> Tensor:
+    """The column sums of up to four row-major (P, C) blocks lying one after another in ``ws``,
+    concatenated, in ``dtype``: one launch."""
+    assert len(blocks) <= 4
+    args, off = [], 0
+    for p, c in blocks + [(0, 0)] * (4 - len(blocks)):
+        args += [off, p, c]
+        off += p * c
+    out = torch.empty(sum(c for _, c in blocks), dtype=dtype, device=ws.device)
+    block_p, block_c = _INTERP_SUM_BLOCKS if _interpreted() else (64, 32)
+    max_c = max(c for _, c in blocks)
+    _column_sums_kernel[(triton.cdiv(max_c, block_c), 4)](
+        ws, out, *args, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+    return out
 
 
 def gca_forward(
@@ -652,10 +789,11 @@ def gca_forward(
     acc = acc_dtype(x_a.dtype)
     dev = x_a.device
     xa2 = x_a.contiguous().view(rows, d)
+    packed = _pack_weights(wq, wk, wv, wo, w1, bk, bv, bo)
+    wkv, bkv, wo_ext, _ = _unpack(packed, d, w1.shape[0])
     # q, and k | v from one product that reads x_b once
     q = torch.addmm(bq, xa2, wq.t()).view(bsz, la, d)
-    kv = torch.addmm(torch.cat([bk, bv]), x_b.contiguous().view(bsz * lb, d),
-                     torch.cat([wk, wv]).t()).view(bsz, lb, 2 * d)
+    kv = torch.addmm(bkv, x_b.contiguous().view(bsz * lb, d), wkv.t()).view(bsz, lb, 2 * d)
     scal = _scalars(ln_eps, dh, acc, dev)
     kpm, am, stride_amb = _mask_args(key_padding_mask, attn_mask, q)
 
@@ -669,8 +807,8 @@ def gca_forward(
         BLOCK_DH=bdh, num_warps=nw)
 
     # output projection and gate: cuBLAS products in the input dtype (tensor cores for half)
-    xp = o.view(rows, d + _O_TAIL) @ _out_proj_weight(wo, bo).t()
-    h, _ = _gate_hidden(xa2, w1[:, :d], xp, w1[:, d:], b1, None, relu=True)
+    xp = o.view(rows, d + _O_TAIL) @ wo_ext.t()
+    h = _gate_hidden(xa2, w1[:, :d], xp, w1[:, d:], b1, None, relu=True)
     gpre = torch.addmm(b2, h, w2.t())
 
     y = torch.empty(bsz, la, d, dtype=x_a.dtype, device=dev)  # x_a may be strided
@@ -684,27 +822,29 @@ def gca_forward(
         ln_b.contiguous() if has_ln else scal, y, cos, mean, rstd, rows, d,
         ACT_TANH=activation == "tanh", HAS_LN=has_ln, ACC=tl_acc(x_a.dtype),
         BLOCK_R=br, BLOCK_D=bd, num_warps=nw)
-    return y, cos, Saved(q, kv, o, lse, mean, rstd, xp, h, gpre)
+    return y, cos, Saved(q, kv, o, lse, mean, rstd, xp, h, gpre, packed)
 
 
 def gca_backward(
-    dy: Tensor, dcos: Tensor, x_a: Tensor, x_b: Tensor, wq: Tensor, wk: Tensor, wv: Tensor,
-    wo: Tensor, w1: Tensor, w2: Tensor, ln_w: Optional[Tensor],
-    key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], saved: Saved,
-    n_heads: int, activation: str, ln_eps: float,
+    dy: Tensor, dcos: Tensor, x_a: Tensor, x_b: Tensor, wo: Tensor, w1: Tensor, w2: Tensor,
+    ln_w: Optional[Tensor], key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
+    saved: Saved, n_heads: int, activation: str, ln_eps: float,
 ) -> List[Tensor]:
-    """Gradients [dx_a, dx_b, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dw1, db1, dw2, db2,
-    dln_w, dln_b] (the last two empty when LayerNorm is off). Every (rows, d) intermediate is
-    in the input dtype and every product runs in it (cuBLAS; tensor cores for half, with
-    float32 accumulation, as eager autograd does); bias and LayerNorm-parameter gradients are
-    per-program partial sums in the accumulation dtype, reduced here."""
-    q, kv, o, lse, mean, rstd, xp, h, gpre = saved
+    """Gradients in the layouts that cost no copy: [dx_a, dx_b, dWq, [dWk ; dWv],
+    [dWo^T ; dbo ; 0] (d + 8, d), dW1, dW2, the bias and LayerNorm-parameter gradients as one
+    flat buffer]; ``split_grads`` makes the per-parameter views. Every (rows, d) intermediate is
+    in the input dtype and every product runs in it (cuBLAS; tensor cores for half, with float32
+    accumulation, as eager autograd does); bias and LayerNorm-parameter gradients are
+    per-program partial sums in the accumulation dtype, reduced in one launch."""
+    q, kv, o, lse, mean, rstd, xp, h, gpre, packed = saved
     bsz, la, d = x_a.shape
     lb = x_b.shape[1]
+    n = w1.shape[0]
     dh = d // n_heads
     rows = bsz * la
     dtype, dev = x_a.dtype, x_a.device
     acc = acc_dtype(dtype)
+    wkv, _, _, w1q = _unpack(packed, d, n)
     xa2 = x_a.contiguous().view(rows, d)
     xb2 = x_b.contiguous().view(bsz * lb, d)
     dy = dy.contiguous()
@@ -712,74 +852,74 @@ def gca_backward(
     scal = _scalars(ln_eps, dh, acc, dev)
     has_ln = ln_w is not None
 
+    # every per-program partial sum in one workspace: db1 | dbq | dbk, dbv | db2 (, dln_w, dln_b)
     br, bd, nw = _row_blocks(d)
     n_prog = triton.cdiv(rows, br)
+    bm, bn, bdh, nw_attn = _attn_blocks(la, lb, dh, dtype in _HALF)
+    n_m, n_n = triton.cdiv(la, bm), triton.cdiv(lb, bn)
+    blocks = [(_gate_hidden_programs(rows, dtype), n), (bsz * n_m, d), (bsz * n_n, 2 * d),
+              (n_prog, 3 * d if has_ln else d)]
+    ws = torch.empty(sum(p * c for p, c in blocks), dtype=acc, device=dev)
+    part_b1, part_bq, part_bkv, part_row = torch.split(ws, [p * c for p, c in blocks])
+
     dxa = torch.empty(rows, d, dtype=dtype, device=dev)
     dxp = torch.empty(rows, d, dtype=dtype, device=dev)
     dgpre = torch.empty(rows, d, dtype=dtype, device=dev)
-    db2_part = torch.empty(n_prog, d, dtype=acc, device=dev)
-    dlnw_part = torch.empty(n_prog if has_ln else 0, d, dtype=acc, device=dev)
-    dlnb_part = torch.empty(n_prog if has_ln else 0, d, dtype=acc, device=dev)
     _gate_out_bwd_kernel[(n_prog,)](
         dy, dcos, xa2, xp, gpre, ln_w.contiguous() if has_ln else scal, mean, rstd, scal,
-        dxa, dxp, dgpre, db2_part, dlnw_part, dlnb_part, rows, d,
+        dxa, dxp, dgpre, part_row, rows, d,
         ACT_TANH=activation == "tanh", HAS_LN=has_ln, ACC=tl_acc(dtype),
         BLOCK_R=br, BLOCK_D=bd, num_warps=nw)
 
-    # the gate's layers backward (h is stored post-relu), accumulating into dx_a and dx'
+    # [dh_pre | dq] side by side, so that dx_a += [dh_pre | dq] [W1a ; Wq] is one product
+    hq = torch.empty(rows, n + d, dtype=dtype, device=dev)
+    dhp, dq2 = hq[:, :n], hq[:, n:]
+    # the gate's layers backward (h is stored post-relu)
     dw2 = dgpre.t() @ h
-    dhp, db1_part = _gate_hidden(dgpre, w2.t(), None, None, None, h, relu=False)
-    dw1 = torch.cat([dhp.t() @ xa2, dhp.t() @ xp], dim=1)
-    db1 = db1_part.sum(0, dtype=dtype)
-    dxa.addmm_(dhp, w1[:, :d])
+    _gate_hidden(dgpre, w2.t(), None, None, None, h, relu=False, out=dhp, part=part_b1)
+    dw1 = torch.empty(n, 2 * d, dtype=dtype, device=dev)
+    dw1[:, :d].addmm_(dhp.t(), xa2, beta=0)  # written in place: no concatenation
+    dw1[:, d:].addmm_(dhp.t(), xp, beta=0)
     dxp.addmm_(dhp, w1[:, d:])
-    # the output projection: x' = o_ext [Wo | bo | 0]^T, so [dWo | dbo | .] = dx'^T o_ext; a row
-    # that saw no key has o = 0 and has_key = 0, so it adds nothing to dWo or dbo
-    dwo_ext = dxp.t() @ o.view(rows, d + _O_TAIL)
+    # the output projection: x' = o_ext [Wo | bo | 0]^T, so o_ext^T dx' = [dWo^T ; dbo ; 0]; a
+    # row that saw no key has o = 0 and has_key = 0, so it adds nothing to dWo or dbo
+    dwo_t = o.view(rows, d + _O_TAIL).t() @ dxp
     do = dxp @ wo
 
     kpm, am, stride_amb = _mask_args(key_padding_mask, attn_mask, q)
-    bm, bn, bdh, nw = _attn_blocks(la, lb, dh, dtype in _HALF)
-    n_m, n_n = triton.cdiv(la, bm), triton.cdiv(lb, bn)
     delta = torch.empty(bsz, n_heads, la, dtype=acc, device=dev)
-    dq = torch.empty(bsz, la, d, dtype=dtype, device=dev)
     dkv = torch.empty(bsz, lb, 2 * d, dtype=dtype, device=dev)
-    dbq_part = torch.empty(bsz * n_m, d, dtype=acc, device=dev)
-    dbkv_part = torch.empty(bsz * n_n, 2 * d, dtype=acc, device=dev)
     common = dict(HAS_KPM=key_padding_mask is not None, HAS_AM=attn_mask is not None,
                   ACC=tl_acc(dtype), **_dot_operands(dtype), BLOCK_M=bm, BLOCK_N=bn,
-                  BLOCK_DH=bdh, num_warps=nw)
+                  BLOCK_DH=bdh, num_warps=nw_attn)
     k, v = kv, kv[..., d:]
     _attn_bwd_dq_kernel[(bsz * n_heads, n_m)](
-        q, k, v, do, lse, kpm, am, scal, delta, dq, dbq_part, la, lb, d, dh, n_heads,
-        stride_amb, 2 * d, **common)
+        q, k, v, do, lse, kpm, am, scal, delta, dq2, part_bq, la, lb, d, dh, n_heads,
+        stride_amb, 2 * d, n + d, **common)
     # exact (ieee) dots run on FMA units, where dk and dv together spill from dh 64 (sm_90
     # compile report): there they are two launches, each recomputing p
     split = dtype not in _HALF and bdh >= 64
     for want_dk, want_dv in (((True, False), (False, True)) if split else ((True, True),)):
         _attn_bwd_dkdv_kernel[(bsz * n_heads, n_n)](
-            q, k, v, do, lse, delta, kpm, am, scal, dkv, dkv[..., d:], dbkv_part, la, lb, d,
+            q, k, v, do, lse, delta, kpm, am, scal, dkv, dkv[..., d:], part_bkv, la, lb, d,
             dh, n_heads, stride_amb, 2 * d, **common, WANT_DK=want_dk, WANT_DV=want_dv)
 
     # the input projections: dx_a accumulates in place, k | v go back as one product
-    dq2, dkv2 = dq.view(rows, d), dkv.view(bsz * lb, 2 * d)
-    dx_a = dxa.addmm_(dq2, wq)
-    dx_b = dkv2 @ torch.cat([wk, wv])
-    dwkv = dkv2.t() @ xb2
-    dbkv = dbkv_part.sum(0, dtype=dtype)
-    grads = [
-        dx_a.view(bsz, la, d), dx_b.view(bsz, lb, d),
-        dq2.t() @ xa2, dbq_part.sum(0, dtype=dtype),
-        # a custom op's outputs may not alias each other: the second halves are copied
-        dwkv[:d], dbkv[:d], dwkv[d:].clone(), dbkv[d:].clone(),
-        dwo_ext[:, :d].contiguous(), dwo_ext[:, d].contiguous(), dw1, db1, dw2,
-        db2_part.sum(0, dtype=dtype),
-    ]
-    if has_ln:
-        grads += [dlnw_part.sum(0, dtype=dtype), dlnb_part.sum(0, dtype=dtype)]
-    else:
-        grads += [torch.empty(0, dtype=dtype, device=dev), torch.empty(0, dtype=dtype, device=dev)]
-    return grads
+    dx_a = dxa.addmm_(hq, w1q)
+    dkv2 = dkv.view(bsz * lb, 2 * d)
+    return [dx_a.view(bsz, la, d), (dkv2 @ wkv).view(bsz, lb, d), dq2.t() @ xa2,
+            dkv2.t() @ xb2, dwo_t, dw1, dw2, _column_sums(ws, blocks, dtype)]
+
+
+def split_grads(g: List[Tensor], d: int, n: int, has_ln: bool) -> List[Optional[Tensor]]:
+    """``gca_backward``'s buffers as the 16 gradients [dx_a, dx_b, dwq, dbq, dwk, dbk, dwv,
+    dbv, dwo, dbo, dw1, db1, dw2, db2, dln_w, dln_b] (views; the last two None without
+    LayerNorm). Only dwo is not contiguous: autograd copies it into the parameter's layout."""
+    dx_a, dx_b, dwq, dwkv, dwo_t, dw1, dw2, bias = g
+    db1, dbq, dbk, dbv, db2, rest = torch.split(bias, [n, d, d, d, d, bias.numel() - n - 4 * d])
+    dln_w, dln_b = (rest[:d], rest[d:]) if has_ln else (None, None)
+    return [dx_a, dx_b, dwq, dbq, dwkv[:d], dbk, dwkv[d:], dbv, dwo_t[:d].t(), dwo_t[d], dw1,
+            db1, dw2, db2, dln_w, dln_b]
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -806,30 +946,30 @@ def _(x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b,
     acc = acc_dtype(x_a.dtype)
     new = x_a.new_empty
     rows = bsz * la
+    n = w1.shape[0]
     saved = Saved(new(bsz, la, d), new(bsz, lb, 2 * d), new(bsz, la, d + _O_TAIL),
                   new(bsz, n_heads, la, dtype=acc), new(rows, dtype=acc), new(rows, dtype=acc),
-                  new(rows, d), new(rows, w1.shape[0]), new(rows, d))
+                  new(rows, d), new(rows, n), new(rows, d), new(_packed_numel(d, n)))
     return [new(bsz, la, d), new(bsz, la), *saved]
 
 
 @torch.library.custom_op("gca_kernels::triton_gca_bwd", mutates_args=())
 def triton_gca_bwd(
-    dy: Tensor, dcos: Tensor, x_a: Tensor, x_b: Tensor, wq: Tensor, wk: Tensor, wv: Tensor,
-    wo: Tensor, w1: Tensor, w2: Tensor, ln_w: Optional[Tensor],
-    key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], saved: List[Tensor],
-    n_heads: int, activation: str, ln_eps: float,
+    dy: Tensor, dcos: Tensor, x_a: Tensor, x_b: Tensor, wo: Tensor, w1: Tensor, w2: Tensor,
+    ln_w: Optional[Tensor], key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
+    saved: List[Tensor], n_heads: int, activation: str, ln_eps: float,
 ) -> List[Tensor]:
-    return gca_backward(dy, dcos, x_a, x_b, wq, wk, wv, wo, w1, w2, ln_w, key_padding_mask,
-                        attn_mask, Saved(*saved), n_heads, activation, ln_eps)
+    return gca_backward(dy, dcos, x_a, x_b, wo, w1, w2, ln_w, key_padding_mask, attn_mask,
+                        Saved(*saved), n_heads, activation, ln_eps)
 
 
 @triton_gca_bwd.register_fake
-def _(dy, dcos, x_a, x_b, wq, wk, wv, wo, w1, w2, ln_w, key_padding_mask, attn_mask, saved,
-      n_heads, activation, ln_eps):
-    d = x_a.shape[-1]
-    ln = (d,) if ln_w is not None else (0,)
-    shapes = [x_a.shape, x_b.shape, wq.shape, (d,), wk.shape, (d,), wv.shape, (d,), wo.shape,
-              (d,), w1.shape, (w1.shape[0],), w2.shape, (d,), ln, ln]
+def _(dy, dcos, x_a, x_b, wo, w1, w2, ln_w, key_padding_mask, attn_mask, saved, n_heads,
+      activation, ln_eps):
+    d, n = x_a.shape[-1], w1.shape[0]
+    n_bias = n + 3 * d + (3 * d if ln_w is not None else d)
+    shapes = [x_a.shape, x_b.shape, (d, d), (2 * d, d), (d + _O_TAIL, d), w1.shape, w2.shape,
+              (n_bias,)]
     return [x_a.new_empty(s) for s in shapes]
 
 
@@ -838,19 +978,18 @@ def _gca_setup_context(ctx, inputs, output):
      key_padding_mask, attn_mask, n_heads, activation, ln_eps) = inputs
     saved = output[2:]
     ctx.mark_non_differentiable(*saved)
-    ctx.save_for_backward(x_a, x_b, wq, wk, wv, wo, w1, w2, ln_w, key_padding_mask, attn_mask,
-                          *saved)
+    ctx.save_for_backward(x_a, x_b, wo, w1, w2, ln_w, key_padding_mask, attn_mask, *saved)
     ctx.n_heads, ctx.activation, ctx.ln_eps = n_heads, activation, ln_eps
     ctx.has_ln = ln_w is not None
 
 
 def _gca_backward(ctx, grads):
-    x_a, x_b, wq, wk, wv, wo, w1, w2, ln_w, kpm, am, *saved = ctx.saved_tensors
+    x_a, x_b, wo, w1, w2, ln_w, kpm, am, *saved = ctx.saved_tensors
     dy, dcos = output_grads(x_a, grads[0], grads[1])
-    g = triton_gca_bwd(dy, dcos, x_a, x_b, wq, wk, wv, wo, w1, w2, ln_w, kpm, am, saved,
-                       ctx.n_heads, ctx.activation, ctx.ln_eps)
-    dln_w, dln_b = (g[14], g[15]) if ctx.has_ln else (None, None)
-    return (*g[:14], dln_w, dln_b, None, None, None, None, None)
+    g = triton_gca_bwd(dy, dcos, x_a, x_b, wo, w1, w2, ln_w, kpm, am, saved, ctx.n_heads,
+                       ctx.activation, ctx.ln_eps)
+    return (*split_grads(g, x_a.shape[-1], w1.shape[0], ctx.has_ln), None, None, None, None,
+            None)
 
 
 triton_gca_fwd.register_autograd(_gca_backward, setup_context=_gca_setup_context)

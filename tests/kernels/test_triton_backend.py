@@ -95,8 +95,11 @@ def test_forward_and_every_gradient_match_float64_reference(case):
 ], ids=str)
 def test_multi_block_loops(case, monkeypatch):
     """Blocks of 16: several key/query blocks (online-softmax rescaling across blocks, a block
-    with no visible key before one with), and gate widths that are not a power of two."""
+    with no visible key before one with), and gate widths that are not a power of two; the
+    weight packing and the column sums over several row and column blocks."""
     monkeypatch.setattr(triton_gca, "_INTERP_MAX_SEQ_BLOCK", 16)
+    monkeypatch.setattr(triton_gca, "_INTERP_PACK_BLOCKS", (8, 16))
+    monkeypatch.setattr(triton_gca, "_INTERP_SUM_BLOCKS", (4, 16))
     base = make_problem(case, seed=5)
     ref = _outputs_and_grads(cast_problem(base, torch.float64), "eager")
     for dtype in (torch.float64, torch.float32):
@@ -163,9 +166,14 @@ def test_opcheck_custom_ops():
         y, cos, *saved = torch.ops.gca_kernels.triton_gca_fwd(*args)
     det = [t.detach() if isinstance(t, torch.Tensor) else t for t in args]
     x_a, x_b, wq, bq, wk, bk, wv, bv, wo, bo, w1, b1, w2, b2, ln_w, ln_b, kpm, am = det[:18]
-    bwd_args = (torch.randn_like(y), torch.randn_like(cos), x_a, x_b, wq, wk, wv, wo, w1, w2,
-                ln_w, kpm, am, saved, 2, "tanh", 1e-5)
+    bwd_args = (torch.randn_like(y), torch.randn_like(cos), x_a, x_b, wo, w1, w2, ln_w, kpm, am,
+                saved, 2, "tanh", 1e-5)
     torch.library.opcheck(torch.ops.gca_kernels.triton_gca_bwd.default, bwd_args)
+    with torch.no_grad():  # without LayerNorm: the flat bias gradient is shorter
+        y, cos, *saved = torch.ops.gca_kernels.triton_gca_fwd(*nolns)
+    nolns_bwd = (torch.randn_like(y), torch.randn_like(cos), x_a, x_b, wo, w1, w2, None, kpm,
+                 None, saved, 2, "sigmoid", 1e-5)
+    torch.library.opcheck(torch.ops.gca_kernels.triton_gca_bwd.default, nolns_bwd)
 
     x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     yy = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
@@ -248,3 +256,37 @@ def test_inputs_unchanged_by_call():
     _outputs_and_grads(p)
     for k, v in p["leaves"].items():
         assert torch.equal(v.detach(), before[k]), k
+
+
+@pytest.mark.parametrize("blocks", [(8, 16), (64, 64)], ids=str)
+@pytest.mark.parametrize("d,n", [(4, 3), (16, 33), (40, 24)], ids=str)
+def test_pack_weights_layouts(d, n, blocks, monkeypatch):
+    """The packed buffer holds [Wk ; Wv], [bk | bv], [Wo | bo | 0] and [W1a ; Wq] exactly, for
+    d below and above the packing's column block and 4d + n + 1 rows below and above its row
+    block (d = 4: the bias row 2d is narrower than Wo's d + 8)."""
+    monkeypatch.setattr(triton_gca, "_INTERP_PACK_BLOCKS", blocks)
+    g = torch.Generator().manual_seed(d + n)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    wq, wk, wv, wo, w1 = r(d, d), r(d, d), r(d, d), r(d, d), r(n, 2 * d)
+    bk, bv, bo = r(d), r(d), r(d)
+    wkv, bkv, wo_ext, w1q = triton_gca._unpack(
+        triton_gca._pack_weights(wq, wk, wv, wo, w1, bk, bv, bo), d, n)
+    assert torch.equal(wkv, torch.cat([wk, wv]))
+    assert torch.equal(bkv, torch.cat([bk, bv]))
+    assert torch.equal(wo_ext, torch.cat([wo, bo[:, None], torch.zeros(d, 7, dtype=wo.dtype)], 1))
+    assert torch.equal(w1q, torch.cat([w1[:, :d], wq]))
+
+
+@pytest.mark.parametrize("sums", [(4, 16), (256, 256)], ids=str)
+def test_column_sums_of_partial_blocks(sums, monkeypatch):
+    """One launch reduces four (P, C) blocks of different shapes into their concatenated
+    column sums, with P and C below and above the kernel's blocks."""
+    monkeypatch.setattr(triton_gca, "_INTERP_SUM_BLOCKS", sums)
+    shapes = [(3, 5), (1, 16), (37, 40), (9, 1)]
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(p, c, generator=g, dtype=torch.float64) for p, c in shapes]
+    ws = torch.cat([t.reshape(-1) for t in parts])
+    out = triton_gca._column_sums(ws, shapes, torch.float32)
+    want = torch.cat([t.sum(0) for t in parts]).float()
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
