@@ -102,6 +102,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _common(t, "table")
     t.add_argument("--stack", nargs="+", type=int, default=[0, 1], metavar="I",
                    help="GCA positions of the GCA_stack variant (default: 0 1)")
+    t.add_argument("--variants", nargs="+", default=list(table.VARIANTS), metavar="V",
+                   help="which of bare, GCA_early, GCA_stack to run, e.g. bare GCA_early for "
+                        "LLM4CDSR's cells or bare for a protocol search (default: all three)")
 
     a = sub.add_parser("alignment", help="sweep GCA settings; |cos(X,X')| vs NDCG@10, its distribution, per-epoch curves")
     _common(a, "alignment")
@@ -177,7 +180,7 @@ def plan(args) -> Dict[str, Any]:
     common = dict(preset_name=args.preset, epochs=epochs, device=args.device, threads=threads, sets=args.set)
     if name == "table":
         seeds = args.seeds or p["seeds"]
-        specs = table.plan(models_, datasets, seeds, stack=args.stack, **common)
+        specs = table.plan(models_, datasets, seeds, stack=args.stack, variants=args.variants, **common)
     elif name == "alignment":
         pa = p["alignment"]
         specs = alignment.plan(

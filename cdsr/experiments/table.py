@@ -42,7 +42,11 @@ PAPER_TABLE1 = {
 
 
 def plan(models_: Sequence[str], datasets: Sequence[str], seeds: Sequence[int], *, stack: Sequence[int],
-         preset_name: str, epochs: int, device: str, threads, sets: Sequence[str]) -> List[RunSpec]:
+         preset_name: str, epochs: int, device: str, threads, sets: Sequence[str],
+         variants: Sequence[str] = VARIANTS) -> List[RunSpec]:
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"--variants: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     specs = []
     for model in models_:
         early = check_positions(model, [0], "GCA_early")
@@ -53,6 +57,8 @@ def plan(models_: Sequence[str], datasets: Sequence[str], seeds: Sequence[int], 
             # Seed-major: a sweep stopped part-way has every variant at the seeds it reached.
             for seed in seeds:
                 for variant, positions in (("bare", []), ("GCA_early", early), ("GCA_stack", stack_pos)):
+                    if variant not in variants:
+                        continue
                     cfg = run_config(model, data, seed, preset_name=preset_name, epochs=epochs, device=device,
                                      threads=threads, sets=sets, controlled={"gca_positions": positions})
                     specs.append(RunSpec({"model": model, "data": data, "variant": variant,

@@ -95,7 +95,19 @@ def test_dry_run_lists_the_runs(tmp_path, capsys):
     assert not (tmp_path / "manifest.json").exists()
 
 
+def test_table_variants_choose_the_cells(tmp_path, capsys):
+    """LLM4CDSR's cells are bare and GCA_early; a protocol search trains bare only."""
+    assert cli.main(["table", *COMMON, "--variants", "bare", "GCA_early", "--dry-run",
+                     "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "'variant': 'GCA_stack'" not in out and "'variant': 'GCA_early'" in out
+    assert cli.main(["table", *COMMON, "--variants", "bare", "--dry-run", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "'variant': 'GCA_early'" not in out and "'variant': 'bare'" in out
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["table", "--variants", "bare", "GCA_deep"], "--variants: unknown variant(s) GCA_deep"),
     (["table", "--stack", "0"], "at least two GCA positions"),
     (["table", "--stack", "0", "5"], "not offered by sasrec"),
     (["table", "--models", "nope"], "unknown model 'nope'"),
