@@ -4,7 +4,7 @@ Every Triton kernel is compiled ahead of time for one NVIDIA architecture (``tri
 of an ``ASTSource`` for ``GPUTarget("cuda", arch, 32)``) with exactly the arguments, block
 sizes and warp counts its launcher chooses for the GPU benchmark shapes: the launchers of
 ``gca_kernels.ops.triton_gca`` / ``triton_cosine`` run on CPU tensors with every kernel
-replaced by a recorder, so the report cannot drift from what the launchers do. The CUDA
+replaced by a stand-in that records its launch, so the report cannot drift from what the launchers do. The CUDA
 extension's sources go through ``nvcc -Xptxas -v``. For each kernel and configuration one JSON
 record: ``kernel``, ``backend`` (triton/cuda), ``dtype``, ``shape``, ``config``,
 ``registers``, ``spill_bytes`` (local memory per thread, where spilled registers go),
@@ -30,7 +30,8 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-from typing import Dict, List
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List
 
 import torch
 
@@ -47,16 +48,38 @@ _TL_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32
              torch.int64: "i64"}
 
 
-class _Recorder:
-    """Stands in for a JITFunction: ``kernel[grid](*args, **kw)`` records the call."""
+class KernelStandIn:
+    """Stands in for a JITFunction: ``kernel[grid](*args, **kw)`` hands the call
+    ``{"fn", "grid", "args", "kwargs"}`` to ``on_launch`` and runs nothing."""
 
-    def __init__(self, fn, calls: List[dict]):
-        self.fn, self.calls = fn, calls
+    def __init__(self, fn, on_launch: Callable[[dict], None]):
+        self.fn, self.on_launch = fn, on_launch
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.calls.append({"fn": self.fn, "grid": grid, "args": args, "kwargs": kwargs})
+            self.on_launch({"fn": self.fn, "grid": grid, "args": args, "kwargs": kwargs})
         return launch
+
+
+@contextmanager
+def kernels_standing_in(on_launch: Callable[[dict], None], cosine: bool = True) -> Iterator[None]:
+    """Within the block, every Triton kernel of the GCA launchers (``triton_gca.KERNELS``) and,
+    with ``cosine``, the cosine's is a ``KernelStandIn``: the launchers run on ``meta`` tensors
+    and report each launch in order, interleaved with the torch ops between them."""
+    from gca_kernels.ops import triton_cosine as C
+    from gca_kernels.ops import triton_gca as T
+
+    names = [(T, n) for n in T.KERNELS]
+    if cosine:
+        names += [(C, "_cos_align_fwd_kernel"), (C, "_cos_align_bwd_kernel")]
+    originals = {(m, n): getattr(m, n) for m, n in names}
+    try:
+        for (m, n), fn in originals.items():
+            setattr(m, n, KernelStandIn(fn, on_launch))
+        yield
+    finally:
+        for (m, n), fn in originals.items():
+            setattr(m, n, fn)
 
 
 def _record_launches(shape, dtype) -> List[dict]:
@@ -66,11 +89,7 @@ def _record_launches(shape, dtype) -> List[dict]:
     from gca_kernels.ops import triton_gca as T
 
     calls: List[dict] = []
-    kernels = {T: list(T.KERNELS), C: ["_cos_align_fwd_kernel", "_cos_align_bwd_kernel"]}
-    originals = {(m, n): getattr(m, n) for m, names in kernels.items() for n in names}
-    try:
-        for (m, n), fn in originals.items():
-            setattr(m, n, _Recorder(fn, calls))
+    with kernels_standing_in(calls.append):
         B, L, d, H = shape
         e = lambda *s: torch.zeros(*s, dtype=dtype, device="meta")  # noqa: E731
         x_a, x_b = e(B, L, d), e(B, L, d)
@@ -82,9 +101,6 @@ def _record_launches(shape, dtype) -> List[dict]:
                        H, "sigmoid", 1e-5)
         C.cosine_alignment_forward(x_a, y, ~kpm, True)
         C.cosine_alignment_backward(torch.ones((), device="meta"), x_a, y, ~kpm, True)
-    finally:
-        for (m, n), fn in originals.items():
-            setattr(m, n, fn)
     return calls
 
 

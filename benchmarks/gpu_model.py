@@ -2,9 +2,10 @@
 
 No GPU is needed, and none of these figures is a measurement. Each plan runs on ``meta``
 tensors of the real shape, so nothing is computed. A ``TorchDispatchMode`` records every ATen
-kernel (view ops excluded). The Triton launchers' kernels are replaced by recorders, as in
-``benchmarks.gpu_compile``. Each kernel gets its bytes (the sizes of the tensors it reads
-plus those it writes, each once) and its FLOPs (products and attention dots). Its time is
+kernel (view ops excluded). The Triton launchers' kernels are replaced by stand-ins
+(``benchmarks.gpu_compile.kernels_standing_in``) that record each launch in order. Each
+kernel gets its bytes (the sizes of the tensors it reads plus those it writes, each once) and
+its FLOPs (products and attention dots). Its time is
 ``max(FLOPs / (e_c * peak), bytes / (e_m * bandwidth)) + gap``. The plans:
 
 - ``eager``: the float64-oracle reference (``gca_kernels.reference``) in the given dtype,
@@ -36,6 +37,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from benchmarks.gpu_compile import kernels_standing_in
 
 PEAK = 989e12
 BW = 4.8e12
@@ -128,39 +131,36 @@ _FLAGGED = {"KPM": "HAS_KPM", "AM": "HAS_AM", "LNW": "HAS_LN", "LNB": "HAS_LN",
             "DK": "WANT_DK", "DV": "WANT_DV"}
 
 
-class _Launch:
-    def __init__(self, fn, kernels: List[Kernel], keep: List[torch.Tensor]):
-        self.fn, self.kernels, self.keep = fn, kernels, keep
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            values = dict(zip(self.fn.arg_names, args))
-            values.update(kwargs)
-            name = self.fn.__name__
-            writes_names = _TRITON_WRITES.get(name, ())
-            reads, writes = [], []
-            seen = set()
-            for arg, v in values.items():
-                if not isinstance(v, torch.Tensor) or (_key(v), arg in writes_names) in seen:
-                    continue
-                if arg in _FLAGGED and not values.get(_FLAGGED[arg], True):
-                    continue  # a placeholder pointer the kernel does not touch
-                seen.add((_key(v), arg in writes_names))
-                self.keep.append(v)
-                item = (_key(v), v.numel() * v.element_size())
-                (writes if arg in writes_names else reads).append(item)
-            flops, kind = 0.0, "memory"
-            if name in _ATTN_DOTS:
-                dots = _ATTN_DOTS[name]
-                if name == "_attn_bwd_dkdv_kernel":  # s, then dv and/or dp + dk
-                    dots = 1 + bool(values["WANT_DV"]) + 2 * bool(values["WANT_DK"])
-                b = values["Q"].shape[0]
-                flops, kind = 2.0 * dots * b * values["La"] * values["Lb"] * values["D"], "attention"
-            elif name == "_gate_hidden_kernel":
-                flops = 2.0 * values["M"] * values["N"] * values["K"] * (2 if values["TWO"] else 1)
-                kind = "product"
-            self.kernels.append(Kernel(name, reads, writes, flops, kind))
-        return launch
+def _launch_kernel(call: dict, keep: List[torch.Tensor]) -> Kernel:
+    """A Triton launch (``gpu_compile.KernelStandIn``'s record) as a Kernel: the tensors it
+    touches (each once; a placeholder pointer its flags switch off is not traffic) and its dots."""
+    fn = call["fn"]
+    values = dict(zip(fn.arg_names, call["args"]))
+    values.update(call["kwargs"])
+    name = fn.__name__
+    writes_names = _TRITON_WRITES.get(name, ())
+    reads, writes = [], []
+    seen = set()
+    for arg, v in values.items():
+        if not isinstance(v, torch.Tensor) or (_key(v), arg in writes_names) in seen:
+            continue
+        if arg in _FLAGGED and not values.get(_FLAGGED[arg], True):
+            continue  # a placeholder pointer the kernel does not touch
+        seen.add((_key(v), arg in writes_names))
+        keep.append(v)
+        item = (_key(v), v.numel() * v.element_size())
+        (writes if arg in writes_names else reads).append(item)
+    flops, kind = 0.0, "memory"
+    if name in _ATTN_DOTS:
+        dots = _ATTN_DOTS[name]
+        if name == "_attn_bwd_dkdv_kernel":  # s, then dv and/or dp + dk
+            dots = 1 + bool(values["WANT_DV"]) + 2 * bool(values["WANT_DK"])
+        b = values["Q"].shape[0]
+        flops, kind = 2.0 * dots * b * values["La"] * values["Lb"] * values["D"], "attention"
+    elif name == "_gate_hidden_kernel":
+        flops = 2.0 * values["M"] * values["N"] * values["K"] * (2 if values["TWO"] else 1)
+        kind = "product"
+    return Kernel(name, reads, writes, flops, kind)
 
 
 def _inputs(shape, dtype, device="meta", grad=False):
@@ -200,23 +200,17 @@ def trace_fused(shape, dtype) -> List[Kernel]:
     B, L, d, H = shape
     x_a, x_b, w, ln, kpm, am = _inputs(shape, dtype)
     kernels: List[Kernel] = []
-    originals = {n: getattr(T, n) for n in T.KERNELS}
     trace = _Trace(kernels)
-    try:
-        for n, fn in originals.items():
-            setattr(T, n, _Launch(fn, kernels, trace.keep))
-        with trace:
-            y, cos, saved = T.gca_forward(x_a, x_b, *w, *ln, kpm, am, H, "sigmoid", 1e-5)
-            dy = torch.empty(B, L, d, dtype=dtype, device="meta")
-            dcos = torch.empty(B, L, dtype=dtype, device="meta")
-            g = T.gca_backward(dy, dcos, x_a, x_b, w[6], w[8], w[10], ln[0], kpm, am, saved, H,
-                               "sigmoid", 1e-5)
-            for grad in T.split_grads(g, d, w[10].shape[0], True):
-                if grad is not None and not grad.is_contiguous():
-                    grad.contiguous()
-    finally:
-        for n, fn in originals.items():
-            setattr(T, n, fn)
+    with kernels_standing_in(lambda call: kernels.append(_launch_kernel(call, trace.keep)),
+                             cosine=False), trace:
+        y, cos, saved = T.gca_forward(x_a, x_b, *w, *ln, kpm, am, H, "sigmoid", 1e-5)
+        dy = torch.empty(B, L, d, dtype=dtype, device="meta")
+        dcos = torch.empty(B, L, dtype=dtype, device="meta")
+        g = T.gca_backward(dy, dcos, x_a, x_b, w[6], w[8], w[10], ln[0], kpm, am, saved, H,
+                           "sigmoid", 1e-5)
+        for grad in T.split_grads(g, d, w[10].shape[0], True):
+            if grad is not None and not grad.is_contiguous():
+                grad.contiguous()
     return kernels
 
 
@@ -296,14 +290,8 @@ def saved_bytes_fused(shape, dtype) -> int:
 
     B, L, d, H = shape
     x_a, x_b, w, ln, kpm, am = _inputs(shape, dtype)
-    originals = {n: getattr(T, n) for n in T.KERNELS}
-    try:
-        for n, fn in originals.items():
-            setattr(T, n, _Launch(fn, [], []))
+    with kernels_standing_in(lambda call: None, cosine=False):
         _, _, saved = T.gca_forward(x_a, x_b, *w, *ln, kpm, am, H, "sigmoid", 1e-5)
-    finally:
-        for n, fn in originals.items():
-            setattr(T, n, fn)
     return sum(t.numel() * t.element_size() for t in saved)
 
 
