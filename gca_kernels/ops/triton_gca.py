@@ -539,9 +539,11 @@ def _pack_weights_kernel(
     W1,  # (N, 2D) input dtype, contiguous
     BK, BV, BO,  # (D,) input dtype
     P,  # flat, input dtype, output: the layouts the products use, one after another:
-    #     [Wk ; Wv] (2D, D) | [bk | bv] (2D,) | [Wo | bo | 0 x 7] (D, D + 8) | [W1a ; Wq] (N + D, D)
-    D, N, WIDTH,  # WIDTH = max(2D, D + 8), the widest packed row
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    #     [Wk ; Wv] (2D, D) | [bk | bv] (2D,) | [Wo | bo | 0 x TAIL-1] (D, D + TAIL) | [W1a ; Wq]
+    #     (N + D, D), the last three at OFF_B, OFF_O, OFF_1 (``_packed_offsets``)
+    D, N, WIDTH,  # WIDTH = max(2D, D + TAIL), the widest packed row
+    OFF_B, OFF_O, OFF_1,
+    TAIL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One launch instead of a concatenation per layout. Virtual rows: [0, 2D) the rows of
     [Wk ; Wv], [2D, 3D) of [Wo | bo | 0], [3D, 4D + N) of [W1a ; Wq], and 4D + N the row
@@ -555,9 +557,6 @@ def _pack_weights_kernel(
     is_b = r == 4 * D + N
     ro = r - 2 * D  # row of Wo
     r1 = r - 3 * D  # row of [W1a ; Wq]
-    off_b = 2 * D * D
-    off_o = off_b + 2 * D
-    off_1 = off_o + D * (D + 8)
     for c0 in range(0, WIDTH, BLOCK_C):
         c = (c0 + tl.arange(0, BLOCK_C))[None, :]
         in_d = c < D
@@ -572,9 +571,9 @@ def _pack_weights_kernel(
         at_bv = is_b & (c >= D) & (c < 2 * D)
         val = tl.where(at_bv, tl.load(BV + (c - D) + r * 0, mask=at_bv, other=0.0), val)
         dst = tl.where(r < 2 * D, r * D + c,
-                       tl.where(is_o, off_o + ro * (D + 8) + c,
-                                tl.where(is_b, off_b + c, off_1 + r1 * D + c)))
-        ok = (((r < 2 * D) | is_1 | is_q) & in_d) | (is_o & (c < D + 8)) | (is_b & (c < 2 * D))
+                       tl.where(is_o, OFF_O + ro * (D + TAIL) + c,
+                                tl.where(is_b, OFF_B + c, OFF_1 + r1 * D + c)))
+        ok = (((r < 2 * D) | is_1 | is_q) & in_d) | (is_o & (c < D + TAIL)) | (is_b & (c < 2 * D))
         tl.store(P + dst, val, mask=ok)
 
 
@@ -655,7 +654,7 @@ def _gate_hidden(a1: Tensor, b1_: Tensor, a2: Optional[Tensor], b2_: Optional[Te
     """The launcher of ``_gate_hidden_kernel``: b1_/b2_ are (N, K) views (any strides); writes
     C into ``out`` (rows with unit column stride, e.g. a column block of a wider buffer) or a
     new tensor, and with ``hmask`` the per-program column sums into ``part``
-    (``gate_hidden_programs(M)`` rows)."""
+    (``_gate_hidden_programs(M, dtype)`` rows)."""
     m, k = a1.shape
     n = b1_.shape[0]
     dtype, dev = a1.dtype, a1.device
@@ -728,16 +727,23 @@ class Saved(NamedTuple):
     packed: Tensor  # flat: the weights' packed layouts (``_unpack``)
 
 
+def _packed_offsets(d: int, n: int) -> Tuple[int, int, int, int]:
+    """Where [bk | bv], [Wo | bo | 0 x 7] and [W1a ; Wq] start in the packed buffer ([Wk ; Wv]
+    starts at 0), and its length: the one definition of the layout."""
+    o_b = 2 * d * d
+    o_o = o_b + 2 * d
+    o_1 = o_o + d * (d + _O_TAIL)
+    return o_b, o_o, o_1, o_1 + (n + d) * d
+
+
 def _packed_numel(d: int, n: int) -> int:
-    return 2 * d * d + 2 * d + d * (d + _O_TAIL) + (n + d) * d
+    return _packed_offsets(d, n)[3]
 
 
 def _unpack(packed: Tensor, d: int, n: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Views of ``_pack_weights``'s buffer: [Wk ; Wv] (2d, d), [bk | bv] (2d,),
     [Wo | bo | 0 x 7] (d, d + 8) and [W1a ; Wq] (n + d, d)."""
-    o_b = 2 * d * d
-    o_o = o_b + 2 * d
-    o_1 = o_o + d * (d + _O_TAIL)
+    o_b, o_o, o_1, _ = _packed_offsets(d, n)
     return (packed[:o_b].view(2 * d, d), packed[o_b:o_o], packed[o_o:o_1].view(d, d + _O_TAIL),
             packed[o_1:].view(n + d, d))
 
@@ -749,13 +755,15 @@ def _pack_weights(wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor, w1: Tensor, bk
     without a masking pass, and dbo comes out of dWo's product); and backward's
     ``dx_a += [dh_pre | dq] [W1a ; Wq]`` as one product."""
     d, n = wq.shape[0], w1.shape[0]
-    packed = torch.empty(_packed_numel(d, n), dtype=wq.dtype, device=wq.device)
+    o_b, o_o, o_1, numel = _packed_offsets(d, n)
+    packed = torch.empty(numel, dtype=wq.dtype, device=wq.device)
     n_rows = 4 * d + n + 1
     block_r, block_c = _INTERP_PACK_BLOCKS if _interpreted() else (8, 128)
     _pack_weights_kernel[(triton.cdiv(n_rows, block_r),)](
         wq.contiguous(), wk.contiguous(), wv.contiguous(), wo.contiguous(), w1.contiguous(),
         bk.contiguous(), bv.contiguous(), bo.contiguous(), packed, d, n,
-        max(2 * d, d + _O_TAIL), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+        max(2 * d, d + _O_TAIL), o_b, o_o, o_1, TAIL=_O_TAIL, BLOCK_R=block_r, BLOCK_C=block_c,
+        num_warps=4)
     return packed
 
 
