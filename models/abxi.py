@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from models.base import Recommender
 from models.scaling import ScalableMixin, scaled_config
 from models.gca_block import build_gca, next_time_horizon, time_masks, timeline_masks
-from models.layers import (LoRA, SelfAttention, SwiGLU, causal_valid_mask, check_neg_sampling,
+from models.layers import (Dropout, LoRA, SelfAttention, SwiGLU, causal_valid_mask, check_neg_sampling,
                            negatives_per_position, on_rows, per_user_pool, position_negatives)
 from models.negative_logits import position_nll
 
@@ -69,7 +69,7 @@ class ABXI(ScalableMixin, Recommender):
         d, std = c["hidden"], c["init_std"]
         self.item_emb = nn.Embedding(n_items_a + n_items_b + 1, d, padding_idx=0)
         self.pos_emb = nn.Embedding(c["max_len"] + 1, d, padding_idx=0)
-        self.drop = nn.Dropout(c["dropout"])
+        self.drop = Dropout(c["dropout"])
         self.attn = SelfAttention(d, c["n_heads"], out_dropout=c["dropout"])
         self.norm_attn = nn.LayerNorm(d)
         self.ffn = SwiGLU(d, c["ffn_inner"])

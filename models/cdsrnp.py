@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from models.base import Recommender, gather_rows
 from models.scaling import ScalableMixin, scaled_config
 from models.gca_block import build_gca, time_masks
-from models.layers import (PreNormBlock, causal_valid_mask, check_neg_sampling, negatives_per_position,
+from models.layers import (Dropout, PreNormBlock, causal_valid_mask, check_neg_sampling, negatives_per_position,
                            per_user_pool, position_negatives, time_positions)
 from models.negative_logits import position_nll
 
@@ -101,7 +101,7 @@ class CDSRNP(ScalableMixin, Recommender):
         d = c["hidden"]
         self.item_emb = nn.Embedding(n_items_a + n_items_b + 1, d, padding_idx=0)
         self.pos_emb = nn.ModuleDict({s: nn.Embedding(c["max_len"] + 1, d, padding_idx=0) for s in "ab"})
-        self.drop = nn.Dropout(c["dropout"])
+        self.drop = Dropout(c["dropout"])
         self.enc = nn.ModuleDict({s: nn.ModuleList(PreNormBlock(d, c["n_heads"], c["ffn_inner"], c["dropout"])
                                                    for _ in range(c["n_blocks"])) for s in "ab"})
         self.final = nn.ModuleDict({s: nn.LayerNorm(d, eps=1e-8) for s in "ab"})

@@ -148,4 +148,4 @@ def position_nll(h: Tensor, table: Tensor, target: Tensor, neg: Tensor, temperat
     negs = negative_logits(hr, table, neg.reshape(b * length, -1).index_select(0, rows), padding_idx, method,
                            chunk_bytes)
     nll = -torch.log_softmax(torch.cat([pos, negs], dim=-1) / temperature, dim=-1)[:, 0]
-    return nll.new_zeros(b * length).index_copy(0, rows, nll).view(b, length)
+    return nll.new_zeros(b * length).index_copy_(0, rows, nll).view(b, length)

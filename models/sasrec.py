@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from models.base import Recommender, gather_rows, right_positions, sampled_softmax
 from models.gca_block import build_gca, time_masks
-from models.layers import PostNormBlock
+from models.layers import Dropout, PostNormBlock
 from models.scaling import ScalableMixin, scaled_config
 
 
@@ -51,7 +51,7 @@ class SASRec(ScalableMixin, Recommender):
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
             self.pos_emb.weight[0].zero_()
-        self.emb_drop = nn.Dropout(c["dropout"])
+        self.emb_drop = Dropout(c["dropout"])
         self.encoders = nn.ModuleDict({s: PostNormBlock(d, c["n_heads"], c["ffn_inner"], c["dropout"])
                                        for s in ("m", "a", "b")})
         self.gca = build_gca(c["gca_positions"], d, c)
