@@ -144,6 +144,37 @@ def right_positions(seq: Tensor) -> Tensor:
     return torch.where(seq > 0, pos, torch.zeros_like(pos))
 
 
+# Batch keys laid out along the sequence, (B, L) or (B, L, K), and among them the ones whose
+# values are column indices into the window (-1 = none): merged columns (time_*) and compacted
+# positions (last_*).
+SEQUENCE_KEYS = ("seq", "seq_domain", "target", "target_domain", "seq_a", "seq_b", "time_a", "time_b",
+                 "last_a", "last_b", "target_a", "target_b", "neg_a", "neg_b")
+INDEX_KEYS = ("time_a", "time_b", "last_a", "last_b")
+
+
+def drop_padding_columns(batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """The batch without its leading columns that are padding in every row of seq, seq_a and
+    seq_b (at least one column stays), index keys shifted to match. Why: a model whose max_len
+    exceeds the longest history pays for columns that hold nothing (LLM4CDSR's L = 200 over
+    histories of at most 48 training items on abe and afk: 4x the dense work, 17x the
+    attention). Nothing changes for a model whose positions count back from the latest column
+    and whose masks come from the items (every backbone here): left padding is inert."""
+    occupied = (batch["seq"] > 0).any(0)
+    for key in ("seq_a", "seq_b"):
+        if key in batch:
+            occupied = occupied | (batch[key] > 0).any(0)
+    first = occupied.nonzero()
+    start = int(first[0]) if len(first) else occupied.shape[0] - 1
+    if start == 0:
+        return batch
+    out = dict(batch)
+    for key in SEQUENCE_KEYS:
+        if key in out:
+            v = out[key][:, start:]
+            out[key] = torch.where(v >= 0, v - start, v) if key in INDEX_KEYS else v
+    return out
+
+
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """x (B, L, d) gathered at index (B, M) along L; index -1 gives a zero row."""
     safe = index.clamp(min=0)

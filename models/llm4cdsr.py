@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import Recommender, gather_rows
+from models.base import Recommender, drop_padding_columns, gather_rows
 from models.embeddings import cooccurrence_embeddings, load_item_matrix
 from models.scaling import ScalableMixin, scaled_config
 from models.gca_block import build_gca, time_masks
@@ -192,16 +192,18 @@ class LLM4CDSR(ScalableMixin, Recommender):
     def adapted_table(self) -> Tensor:
         """The adapter applied to the whole frozen global table, (n_items + 1, hidden): once
         per training step (every adapted row of a step is gathered from it), cached for
-        evaluation. Why not adapt the gathered rows: a training step of batch 128 and L 200
-        adapts 128 x 200 x 3 rows (sequence, targets, negatives; abe has 24.6k items), and
-        gathering 1024-d rows moves 8x the bytes of gathering adapted 128-d ones."""
-        if self.training or self._eval_table is None:
-            w, b = self._adapter_map()
-            table = F.linear(self.glob, w, b)
-            if self.training:
-                return table
+        evaluation (in eval mode without autograd, so that no graph outlives its step). Why
+        not adapt the gathered rows: a training step of batch 128 and L 200 adapts
+        128 x 200 x 3 rows (sequence, targets, negatives; abe has 24.6k items), and gathering
+        1024-d rows moves 8x the bytes of gathering adapted 128-d ones."""
+        cache = not self.training and not torch.is_grad_enabled()
+        if cache and self._eval_table is not None:
+            return self._eval_table
+        w, b = self._adapter_map()
+        table = F.linear(self.glob, w, b)
+        if cache:
             self._eval_table = table
-        return self._eval_table
+        return table
 
     @property
     def n_negatives(self) -> Dict[str, int]:
@@ -264,6 +266,7 @@ class LLM4CDSR(ScalableMixin, Recommender):
     # ---- training -------------------------------------------------------------------------------
     def loss(self, batch: Dict[str, Tensor]) -> Tuple[Tensor, Dict[str, float]]:
         c = self.config
+        batch = drop_padding_columns(batch)
         tdom, target = batch["target_domain"], batch["target"]
         neg = torch.where((tdom == 1).unsqueeze(-1), batch["neg_b"][..., :1], batch["neg_a"][..., :1])
         table = self.adapted_table()
@@ -302,6 +305,7 @@ class LLM4CDSR(ScalableMixin, Recommender):
 
     # ---- evaluation -------------------------------------------------------------------------------
     def score(self, batch: Dict[str, Tensor], candidates: Tensor) -> Tensor:
+        batch = drop_padding_columns(batch)
         table = self.adapted_table()
         h_m, h_a, h_b = self.encode(batch, table)
         mixed = torch.bmm(table[candidates], h_m[:, -1].unsqueeze(-1)).squeeze(-1)

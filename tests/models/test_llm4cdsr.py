@@ -164,3 +164,63 @@ def test_thread_inputs_are_scaled_by_the_root_of_their_table_width(tmp_path, sqr
     ids_b = (batch["seq_b"] - N_A).clamp(min=0)
     pos_b = m.pos["b"](torch.where(batch["time_b"] >= 0, length - batch["time_b"], 0))
     torch.testing.assert_close(seen["b"], (m.emb_b[ids_b] * f_d + pos_b) * (batch["seq_b"] > 0).unsqueeze(-1))
+
+
+@pytest.mark.parametrize("gca", [[], [0, 1, 2]])
+def test_dropping_leading_padding_columns_changes_nothing(gca, tmp_path, monkeypatch):
+    """loss and score drop the columns that are padding in every row (LLM4CDSR's max_len 200
+    over histories of at most 48): same loss, gradients and scores as on the full width."""
+    import models.llm4cdsr as mod
+    from models.base import drop_padding_columns
+
+    rng = np.random.default_rng(7)
+    # alpha = 0: the alignment term picks one random item per user with torch.multinomial,
+    # whose draws depend on the row width (same distribution, different picks).
+    m = _model(gca, tmp_path, max_len=12, alpha=0.0, dropout=0.0).double().train()
+    tl = np.zeros((5, 13), np.int64)
+    tl[:, 6:] = random_timelines(5, 7, rng, min_len=3)  # at least 6 leading padding columns
+    tb = train_batch(tl, m.n_negatives, rng)
+    eb = eval_batch(tl[:, 1:], np.array([0, 1, 1, 0, 1]), 5, rng)
+    assert drop_padding_columns(tb)["seq"].shape[1] < tb["seq"].shape[1]
+
+    def run():
+        loss, _ = m.loss(tb)
+        grads = torch.autograd.grad(loss, [p for p in m.parameters() if p.requires_grad], allow_unused=True)
+        return loss.detach(), grads, m.score(eb, eb["candidates"]).detach()
+
+    trimmed = run()
+    monkeypatch.setattr(mod, "drop_padding_columns", lambda batch: batch)
+    full = run()
+    torch.testing.assert_close(trimmed[0], full[0], rtol=1e-10, atol=1e-12)
+    for a, b in zip(trimmed[1], full[1]):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(trimmed[2], full[2], rtol=1e-10, atol=1e-12)
+
+
+def test_drop_padding_columns_shifts_index_keys():
+    from models.base import drop_padding_columns
+
+    rng = np.random.default_rng(8)
+    tl = np.zeros((3, 10), np.int64)
+    tl[:, 4:] = random_timelines(3, 6, rng, min_len=6)  # exactly 4 leading padding columns
+    tb = train_batch(tl, {"A": 2, "B": 2}, rng)
+    out = drop_padding_columns(tb)
+    assert out["seq"].shape == (3, 5) and out["neg_a"].shape == (3, 5, 2)
+    for key in ("time_a", "time_b", "last_a", "last_b"):
+        v = tb[key][:, 4:]
+        want = torch.where(v >= 0, v - 4, v)
+        assert torch.equal(out[key], want), key
+    assert torch.equal(out["user"], tb["user"])
+    # the trimmed time_* still index the trimmed merged sequence's items
+    for d, key in ((0, "a"), (1, "b")):
+        t = out[f"time_{key}"]
+        rows, pos = (t >= 0).nonzero(as_tuple=True)
+        assert torch.equal(out["seq"][rows, t[rows, pos]], out[f"seq_{key}"][rows, pos])
+    # nothing to drop: the same dict; nothing at all: one column stays
+    full = train_batch(random_timelines(3, 6, rng, min_len=6), {"A": 1, "B": 1}, rng)
+    assert drop_padding_columns(full) is full
+    empty = {k: torch.zeros_like(v) for k, v in full.items()}
+    assert drop_padding_columns(empty)["seq"].shape[1] == 1
