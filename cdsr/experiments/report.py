@@ -14,7 +14,7 @@ import json
 import math
 import platform
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -120,14 +120,17 @@ def early_stopped(results: Dict[str, Any]) -> bool:
     return int(results.get("epochs_run", 0)) < int((results.get("config") or {}).get("epochs", 0))
 
 
-def run_record(entry: Dict[str, Any], results: Dict[str, Any], preset: Any) -> Dict[str, Any]:
-    """One run of summary.json: what it was, how its training ended, its test metrics per
-    domain and its alignment probes. Tracked runs keep their per-epoch history (the
+def run_record(entry: Dict[str, Any], results: Dict[str, Any], preset: Any,
+               sets: Optional[List[str]] = None) -> Dict[str, Any]:
+    """One run of summary.json: what it was (model, data, positions, seed, and its protocol:
+    the preset plus the command's --set overrides), how its training ended, its test metrics
+    per domain and its alignment probes. Tracked runs keep their per-epoch history (the
     alignment experiment's curves)."""
     cfg = results.get("config") or entry.get("config") or {}
     rec = {
         "id": entry["id"], "labels": entry["labels"], "model": cfg.get("model"), "data": cfg.get("data"),
         "gca_positions": list(cfg.get("gca_positions") or []), "seed": cfg.get("seed"), "preset": preset,
+        "sets": list(sets or []),
         "epochs_run": results.get("epochs_run"), "max_epochs": cfg.get("epochs"),
         "best_epoch": results.get("best_epoch"), "early_stopped": early_stopped(results),
         "n_params": results.get("n_params"), "n_params_target": results.get("n_params_target"),
@@ -142,8 +145,9 @@ def run_record(entry: Dict[str, Any], results: Dict[str, Any], preset: Any) -> D
 
 def run_records(manifest: Dict[str, Any], rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     entries = {r["id"]: r for r in manifest["runs"]}
-    preset = (manifest.get("meta") or {}).get("preset")
-    return [run_record(entries.get(r["id"], {"id": r["id"], "labels": r["labels"]}), r["results"], preset)
+    meta = manifest.get("meta") or {}
+    return [run_record(entries.get(r["id"], {"id": r["id"], "labels": r["labels"]}), r["results"],
+                       meta.get("preset"), meta.get("sets"))
             for r in rows]
 
 

@@ -10,6 +10,8 @@ import pytest
 from cdsr.experiments import cli
 
 COMMON = ["--preset", "tiny", "--threads", "1"]
+# The table runs carry one --set, which their summary records as part of their protocol.
+TABLE = ["table", *COMMON, "--workers", "1", "--set", "eval_batch_size=32"]
 
 
 def _strict_json(path):
@@ -22,7 +24,7 @@ def _strict_json(path):
 def outputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("experiments")
     codes = {
-        "table": cli.main(["table", *COMMON, "--workers", "1", "--out", str(root / "table")]),
+        "table": cli.main([*TABLE, "--out", str(root / "table")]),
         # Two workers: the process-pool path.
         "alignment": cli.main(["alignment", *COMMON, "--workers", "2", "--out", str(root / "alignment")]),
         "scaling": cli.main(["scaling", *COMMON, "--workers", "1", "--out", str(root / "scaling")]),
@@ -80,10 +82,10 @@ def test_run_counts_and_alignment_content(outputs):
 def test_rerun_trains_nothing_and_analyse_only(outputs, capsys):
     root, _ = outputs
     capsys.readouterr()
-    assert cli.main(["table", *COMMON, "--workers", "1", "--out", str(root / "table")]) == 0
+    assert cli.main([*TABLE, "--out", str(root / "table")]) == 0
     assert "6 already done, 0 to run" in capsys.readouterr().out
     (root / "table" / "report.md").unlink()
-    assert cli.main(["table", *COMMON, "--analyse-only", "--out", str(root / "table")]) == 0
+    assert cli.main([*TABLE, "--analyse-only", "--out", str(root / "table")]) == 0
     assert "## Table 1 layout" in (root / "table" / "report.md").read_text()
 
 
@@ -191,6 +193,7 @@ def test_summary_has_one_record_per_run(outputs):
         res = json.loads((root / "table" / "runs" / entry["id"] / "results.json").read_text())
         assert (rec["model"], rec["data"], rec["seed"], rec["preset"]) == ("sasrec", "synthetic", entry["labels"]["seed"], "tiny")
         assert rec["gca_positions"] == entry["labels"]["positions"]
+        assert rec["sets"] == ["eval_batch_size=32"]  # the protocol: preset + the command's overrides
         assert (rec["epochs_run"], rec["best_epoch"], rec["n_params"]) == (res["epochs_run"], res["best_epoch"], res["n_params"])
         # tiny: 2 epochs under patience 5, so the cap ended every run
         assert rec["early_stopped"] is False and rec["max_epochs"] == 2
