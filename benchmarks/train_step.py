@@ -80,7 +80,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for model in args.models:
             r = measure(model, data, args.preset, args.steps, args.threads, args.validate, args.set)
             print(f"| {model} | {data} | {r['step_s']:.3f} / {r['step_min_s']:.3f} | {r['sample_s']:.3f} | "
-                  f"{r['steps_per_epoch']} | {r['valid_s']:.3f} | {r['epoch_s']:.0f} |", flush=True)
+                  f"{r['steps_per_epoch']} | {r['valid_s']:.3g} | {r['epoch_s']:.3g} |", flush=True)
     return 0
 
 
