@@ -1,11 +1,12 @@
-"""`cdsr experiment {table,alignment,scaling,report}` (also `python -m cdsr.experiments ...`).
+"""`cdsr experiment {table,alignment,scaling,protocol,report}` (also `python -m cdsr.experiments ...`).
 
 Each experiment plans its list of runs from a preset (`--preset tiny|cpu|paper`) and the
 options given, runs the ones not done yet (resumable: run the same command again after a
 kill), then analyses every finished run into `<out>/report.md`, `<out>/summary.json` and
 PNG figures. `--dry-run` lists the runs; `--analyse-only` rebuilds the report from the runs
-already finished. `report` rebuilds docs/results.md's generated tables from the
-summary.json files committed under docs/results/<name>/.
+already finished. `protocol` trains nothing: it compares finished runs of candidate schedules
+with reference runs (`protocol.py`). `report` rebuilds docs/results.md's generated tables
+from the summary.json files committed under docs/results/<name>/.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from typing import Any, Dict, List, Optional
 
 from cdsr.config import ConfigError, available_cores
 from cdsr.dataset import DataError
-from cdsr.experiments import alignment, report, scaling, table
+from cdsr.experiments import alignment, protocol, report, scaling, table
 from cdsr.experiments.common import PRESETS, check_models, default_models, preset
 from cdsr.experiments.runner import execute, load_results, plan_manifest, atomic_write_json, MANIFEST
 
 EXPERIMENTS = {"table": table, "alignment": alignment, "scaling": scaling}
+# What `report` can rebuild: the experiments, and `protocol`'s comparison of finished runs.
+REPORTABLE = {**EXPERIMENTS, "protocol": protocol}
 
 
 def _positions(text: str) -> List[int]:
@@ -96,7 +99,7 @@ def _common(p: argparse.ArgumentParser, name: str) -> None:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add `experiment` (with `table`, `alignment`, `scaling`) to a `cdsr` sub-parser set."""
     exp = subparsers.add_parser("experiment", help="reproduce the paper's tables, alignment and scaling findings")
-    sub = exp.add_subparsers(dest="experiment", required=True, metavar="{table,alignment,scaling,report}")
+    sub = exp.add_subparsers(dest="experiment", required=True, metavar="{table,alignment,scaling,protocol,report}")
 
     t = sub.add_parser("table", help="bare vs GCA_early vs GCA_stack, per backbone and dataset, over seeds")
     _common(t, "table")
@@ -140,6 +143,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also run the parameter-matched bare baseline (scale_to_match) (default: on when every "
                         "backbone has the key)")
     s.add_argument("--no-matched", dest="matched", action="store_false", help="no parameter-matched baseline")
+    pr = sub.add_parser("protocol", help="compare finished runs of cheaper schedules with reference runs "
+                                         "(epochs, test and validation NDCG@10; chosen on validation)")
+    pr.add_argument("--reference", required=True, metavar="DIR",
+                    help="experiment folder of the reference runs (e.g. table --preset paper --variants bare)")
+    pr.add_argument("--candidates", nargs="+", required=True, metavar="DIR",
+                    help="experiment folders of the same runs under candidate schedules (--set overrides), "
+                         "one protocol per folder")
+    pr.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/experiments/protocol)")
     r = sub.add_parser("report", help="rebuild docs/results.md's generated tables from docs/results/<name>/summary.json")
     r.add_argument("--results", default="docs/results", metavar="DIR",
                    help="folder of <name>/summary.json, each an experiment's summary.json copied there "
@@ -233,8 +244,17 @@ def handle(args: argparse.Namespace) -> int:
     """Run (or, with --analyse-only, only report on) the experiment named by args.experiment."""
     name = args.experiment
     if name == "report":
-        done = report.rebuild_doc(Path(args.results), Path(args.doc), EXPERIMENTS)
+        done = report.rebuild_doc(Path(args.results), Path(args.doc), REPORTABLE)
         print(f"{args.doc}: rebuilt {', '.join(done)} from {args.results}/<name>/summary.json")
+        return 0
+    if name == "protocol":
+        manifest, rows = protocol.collect(args.reference, args.candidates)
+        if not rows:
+            raise ConfigError("--reference/--candidates: no finished run in those folders")
+        out = Path(args.out) if args.out else Path("runs") / "experiments" / name
+        out.mkdir(parents=True, exist_ok=True)
+        path = report.write(out, name, manifest, rows, protocol.analyse(rows, out))
+        print(f"report: {path}  (summary.json)")
         return 0
     try:
         planned = plan(args)
@@ -280,7 +300,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{experiment}")
     add_parser(sub)
     # Also accept the experiment name directly: `python -m cdsr.experiments table ...`.
-    if argv and (argv[0] in EXPERIMENTS or argv[0] == "report"):
+    if argv and (argv[0] in EXPERIMENTS or argv[0] in ("protocol", "report")):
         argv = ["experiment"] + argv
     args = parser.parse_args(argv)
     args.argv = argv

@@ -123,8 +123,8 @@ def early_stopped(results: Dict[str, Any]) -> bool:
 def run_record(entry: Dict[str, Any], results: Dict[str, Any], preset: Any,
                sets: Optional[List[str]] = None) -> Dict[str, Any]:
     """One run of summary.json: what it was (model, data, positions, seed, and its protocol:
-    the preset plus the command's --set overrides), how its training ended, its test metrics
-    per domain and its alignment probes. Tracked runs keep their per-epoch history (the
+    the preset plus the command's --set overrides), how its training ended, its validation
+    (best epoch) and test metrics per domain and its alignment probes. Tracked runs keep their per-epoch history (the
     alignment experiment's curves)."""
     cfg = results.get("config") or entry.get("config") or {}
     rec = {
@@ -134,7 +134,7 @@ def run_record(entry: Dict[str, Any], results: Dict[str, Any], preset: Any,
         "epochs_run": results.get("epochs_run"), "max_epochs": cfg.get("epochs"),
         "best_epoch": results.get("best_epoch"), "early_stopped": early_stopped(results),
         "n_params": results.get("n_params"), "n_params_target": results.get("n_params_target"),
-        "test": results.get("test"), "alignment": results.get("alignment") or {},
+        "valid": results.get("valid"), "test": results.get("test"), "alignment": results.get("alignment") or {},
         "wall_time_s": results.get("wall_time_s"),
         "config": {"early_stop_metric": cfg.get("early_stop_metric")},
     }
@@ -146,9 +146,14 @@ def run_record(entry: Dict[str, Any], results: Dict[str, Any], preset: Any,
 def run_records(manifest: Dict[str, Any], rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     entries = {r["id"]: r for r in manifest["runs"]}
     meta = manifest.get("meta") or {}
-    return [run_record(entries.get(r["id"], {"id": r["id"], "labels": r["labels"]}), r["results"],
-                       meta.get("preset"), meta.get("sets"))
-            for r in rows]
+    out = []
+    for r in rows:
+        entry = entries.get(r["id"], {"id": r["id"], "labels": r["labels"]})
+        # A manifest gathered from several experiments (`protocol`) names each run's own
+        # preset and overrides; an experiment's own manifest has them once, in meta.
+        out.append(run_record(entry, r["results"], entry.get("preset", meta.get("preset")),
+                              entry.get("sets", meta.get("sets"))))
+    return out
 
 
 def rows_from_summary(summary: Dict[str, Any]) -> List[Dict[str, Any]]:

@@ -48,7 +48,8 @@ def readme_commands() -> List[Tuple[str, List[str], str]]:
     out = []
     for section in readme_sections():
         for block in _blocks(section, "bash"):
-            for line in block.splitlines():
+            # A line ending in a backslash continues on the next one.
+            for line in re.sub(r"\\\n\s*", "", block).splitlines():
                 code, _, comment = line.partition("#")
                 words = shlex.split(code)
                 if words and words[0] == "cdsr":
@@ -205,11 +206,36 @@ def test_data_stats_lines(tmp_path, line, argv, comment):
         assert number in out.stdout, f"README says {number} for `{line}`; cdsr prints:\n{out.stdout}"
 
 
-@pytest.mark.parametrize("line,argv,comment", _cases("experiment"))
+def _out(argv: List[str], cwd: Path) -> Path:
+    return cwd / argv[argv.index("--out") + 1] if "--out" in argv else cwd / "runs" / "experiments" / argv[1]
+
+
+@pytest.mark.parametrize("line,argv,comment", [c for c in _cases("experiment") if c.values[1][1] != "protocol"])
 def test_experiment_lines(tmp_path, line, argv, comment):
-    out = main_in_process(shrink_experiment(argv), tmp_path)
+    small = shrink_experiment(argv)
+    out = main_in_process(small, tmp_path)
     assert out.returncode == 0, out
     name = argv[1]
-    report = tmp_path / "runs" / "experiments" / name / "report.md"
+    report = _out(small, tmp_path) / "report.md"
     assert report.is_file() and "## What ran" in report.read_text()
     assert f"{name}: " in out.stdout and "runs done" in out.stdout and "failed" not in out.stdout
+
+
+def test_protocol_lines(tmp_path):
+    """README's `protocol` line compares the folders its `table` lines write: run those
+    lines (shrunk) in one folder, then the protocol line as written."""
+    lines = [argv for _, argv, _ in COMMANDS if argv[0] == "experiment"]
+    compare = [a for a in lines if a[1] == "protocol"]
+    assert len(compare) == 1, "README shows one `cdsr experiment protocol` line"
+    compare = compare[0]
+    wanted = {compare[compare.index("--reference") + 1], compare[compare.index("--candidates") + 1]}
+    for argv in lines:
+        if argv[1] == "table" and "--out" in argv and argv[argv.index("--out") + 1] in wanted:
+            out = main_in_process(shrink_experiment(argv), tmp_path)
+            assert out.returncode == 0, out
+            wanted.discard(argv[argv.index("--out") + 1])
+    assert not wanted, f"README's protocol line reads {wanted}, which no README table line writes"
+    out = main_in_process(compare, tmp_path)
+    assert out.returncode == 0, out
+    report = (_out(compare, tmp_path) / "report.md").read_text()
+    assert "## Candidates against the reference" in report and "| `lr=0.0003 " in report
