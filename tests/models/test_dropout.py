@@ -127,3 +127,18 @@ def test_self_attention_dropout_drops_attention_weights():
         exact = att(x, allowed)
     assert not torch.equal(draws[0], draws[1])
     torch.testing.assert_close(draws.mean(0), exact, rtol=0, atol=0.03)
+
+
+def test_traces_under_torch_compile_fullgraph():
+    """A user compiling a model in training mode: the mask draw traces in one graph
+    (aot_eager: dynamo + AOT autograd without inductor's codegen)."""
+    torch.manual_seed(6)
+    x = torch.randn(256, 64, requires_grad=True)
+    y = torch.compile(lambda t: dropout(t, 0.3), fullgraph=True, backend="aot_eager")(x)
+    assert abs((y == 0).double().mean().item() - 0.3) < 0.02
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, y != 0)
+    att = SelfAttention(16, 2, dropout=0.2).train()
+    allowed = causal_valid_mask(torch.ones(3, 7, dtype=torch.bool))
+    out = torch.compile(att, fullgraph=True, backend="aot_eager")(torch.randn(3, 7, 16), allowed)
+    assert out.shape == (3, 7, 16) and torch.isfinite(out).all()
