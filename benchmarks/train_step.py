@@ -40,6 +40,8 @@ def measure(model: str, data: str, preset: str, steps: int, threads: int, valida
             loss, _ = tr.train_model(batch)
             tr.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg["grad_clip"]:  # as Trainer.train_epoch does
+                torch.nn.utils.clip_grad_norm_(tr.model.parameters(), cfg["grad_clip"])
             tr.optimizer.step()
 
         step(batches[0])

@@ -7,8 +7,7 @@ True = an item.
 
 Dropout on the CPU: torch's CPU dropout draws its mask with `bernoulli_`, which costs about
 21 ns per element on one thread of this project's machine (2-vCPU AVX-512 x86-64, torch
-2.13.0+cpu): 72 ms forward + backward for a (128, 200, 128) float32 tensor, a third of an
-LLM4CDSR training step. `dropout` draws 16 random bits per element instead (one 64-bit draw
+2.13.0+cpu): 72 ms forward + backward for a (128, 200, 128) float32 tensor. `dropout` draws 16 random bits per element instead (one 64-bit draw
 per four elements) and keeps an element when its bits clear a threshold: 23 ms for the same
 tensor. The keep probability is 1 - p rounded to a multiple of 1/65536 (|error| <= 7.7e-6);
 elements are kept independently, and the kept ones are scaled by 1 / (1 - p) as torch does.

@@ -124,8 +124,8 @@ def run_record(entry: Dict[str, Any], results: Dict[str, Any], preset: Any,
                sets: Optional[List[str]] = None) -> Dict[str, Any]:
     """One run of summary.json: what it was (model, data, positions, seed, and its protocol:
     the preset plus the command's --set overrides), how its training ended, its validation
-    (best epoch) and test metrics per domain and its alignment probes. Tracked runs keep their per-epoch history (the
-    alignment experiment's curves)."""
+    (best epoch) and test metrics per domain and its alignment probes. Tracked runs keep
+    their per-epoch history (the alignment experiment's curves)."""
     cfg = results.get("config") or entry.get("config") or {}
     rec = {
         "id": entry["id"], "labels": entry["labels"], "model": cfg.get("model"), "data": cfg.get("data"),
