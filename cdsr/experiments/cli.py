@@ -281,7 +281,7 @@ def handle(args: argparse.Namespace) -> int:
         with _exit_on_sigterm():
             manifest = execute(name, specs, out, workers=workers, meta=meta, echo=not args.quiet,
                                engine=args.engine, scheduler=args.scheduler)
-    rows = load_results(out)
+    rows = load_results(out, manifest)  # this command's runs, whatever else shares the folder
     analysis = EXPERIMENTS[name].analyse(rows, out) if rows else {"markdown": "", "figures": []}
     path = report.write(out, name, manifest, rows, analysis)
     print(f"report: {path}  (summary.json, figures: "

@@ -11,6 +11,13 @@ config is done and never redone, and an unfinished run restarts from the trainer
 checkpoint (`fit(resume=True)`). Killing a sweep and starting the same command again
 therefore loses at most the epochs in flight.
 
+Several commands may share one folder (say, one per backbone, started at different times):
+a run trains under an exclusive lock on `runs/<id>/.lock` (`flock`, released when its
+process ends, however it ends), so a run another process is training is left to it and
+reported `busy` instead of being trained twice from one checkpoint; each command analyses
+the runs it planned, and manifest.json is the plan of the command that wrote it last (one
+command naming every run, e.g. with --analyse-only, rebuilds it for the whole folder).
+
 Runs go to an engine: `local` (default), a process pool (`workers` processes, each with
 `threads` torch threads) so that a sweep uses the cores it is given, with one worker in this
 process (what a GPU run or a test wants); or `dask` (`dask_engine.py`), Dask distributed
@@ -20,6 +27,7 @@ progress line with the elapsed time and an estimate of the time left.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -39,6 +47,7 @@ from cdsr.trainer import CHECKPOINT
 MANIFEST = "manifest.json"
 RESULTS = "results.json"
 RUNS_DIR = "runs"
+LOCK = ".lock"
 
 
 @dataclass
@@ -128,11 +137,27 @@ def run_one(run_dir: str, config: Dict[str, Any], track_valid: bool = False, ali
     """Train one run into `run_dir` (resuming it if a checkpoint is there). Never raises for a
     failing run: returns {"status": "failed", "error": ...} and leaves error.txt behind, so that
     one bad configuration does not stop a sweep. `echo` also sends the trainer's epoch lines
-    to stderr, prefixed with the run's id (progress inside long runs)."""
-    from cdsr.experiments.probe import ProbedTrainer
-
+    to stderr, prefixed with the run's id (progress inside long runs). A run whose lock
+    another process holds is not touched: {"status": "busy", ...}."""
     path = Path(run_dir)
     path.mkdir(parents=True, exist_ok=True)
+    lock = open(path / LOCK, "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return {"status": "busy", "wall_s": 0.0,
+                "error": f"another process is training this run ({path / LOCK} is locked); left to it"}
+    try:
+        return _train_locked(path, config, track_valid, align_reg, echo)
+    finally:
+        lock.close()  # releases the flock
+
+
+def _train_locked(path: Path, config: Dict[str, Any], track_valid: bool, align_reg: float,
+                  echo: bool) -> Dict[str, Any]:
+    from cdsr.experiments.probe import ProbedTrainer
+
     logger = logging.getLogger("cdsr")
     handler = logging.FileHandler(path / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))
@@ -254,10 +279,11 @@ def execute(experiment: str, specs: List[RunSpec], out_dir: os.PathLike | str, w
         entry["status"] = outcome["status"]
         if outcome["status"] == "done":
             entry.pop("error", None)
-        walls.append(outcome.get("wall_s", 0.0))
+        if outcome["status"] != "busy":
+            walls.append(outcome.get("wall_s", 0.0))
         atomic_write_json(manifest, out / MANIFEST)
         left = len(pending) - finished
-        eta = (sum(walls) / len(walls)) * left / workers if left else None
+        eta = (sum(walls) / len(walls)) * left / workers if left and walls else None
         print(_progress_line(total_done, total, run_id, outcome, time.perf_counter() - start, eta),
               file=stream, flush=True)
 
@@ -300,16 +326,22 @@ def execute(experiment: str, specs: List[RunSpec], out_dir: os.PathLike | str, w
             raise
         pool.shutdown(wait=True)
     failed = [r["id"] for r in manifest["runs"] if r["status"] == "failed"]
-    print(f"{experiment}: {total - len(failed)}/{total} runs done"
+    busy = [r["id"] for r in manifest["runs"] if r["status"] == "busy"]
+    n_done = sum(r["status"] == "done" for r in manifest["runs"])
+    print(f"{experiment}: {n_done}/{total} runs done"
           + (f", {len(failed)} failed (see runs/<id>/error.txt): {', '.join(failed)}" if failed else "")
+          + (f", {len(busy)} busy in another process (start the command again once they finish): "
+             f"{', '.join(busy)}" if busy else "")
           + f"; {_fmt_time(time.perf_counter() - start)} this session", file=stream, flush=True)
     return manifest
 
 
-def load_results(out_dir: os.PathLike | str) -> List[Dict[str, Any]]:
-    """The manifest's finished runs, each {"id", "labels", "results"}, in manifest order."""
+def load_results(out_dir: os.PathLike | str, manifest: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+    """The finished runs of `manifest` (default: the folder's manifest.json), each {"id",
+    "labels", "results"}, in manifest order."""
     out = Path(out_dir)
-    manifest = read_json(out / MANIFEST)
+    if manifest is None:
+        manifest = read_json(out / MANIFEST)
     if manifest is None:
         raise FileNotFoundError(f"no {MANIFEST} in {out}: run the experiment first")
     rows = []

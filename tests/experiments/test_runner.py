@@ -113,3 +113,34 @@ def test_models_with_data_derived_tables_are_prepared(tmp_path):
                      controlled={"gca_positions": [0]})
     manifest = execute("t", [RunSpec({"seed": 0}, cfg)], tmp_path)
     assert manifest["runs"][0]["status"] == "done", manifest["runs"][0].get("error")
+
+
+def test_a_run_another_process_trains_is_left_to_it(tmp_path, capsys):
+    # Two commands sharing one folder: the run whose lock is held (here by this test, as the
+    # other command's worker would) is reported busy and not touched; the others train.
+    import fcntl
+
+    held, free = spec(epochs=1), spec(epochs=1, positions=[0])
+    run_dir = tmp_path / RUNS_DIR / held.run_id
+    run_dir.mkdir(parents=True)
+    with open(run_dir / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        manifest = execute("t", [held, free], tmp_path)
+        assert [r["status"] for r in manifest["runs"]] == ["busy", "done"]
+        assert not (run_dir / RESULTS).exists() and not (run_dir / "train.log").exists()
+        out = capsys.readouterr().out
+        assert "1/2 runs done" in out and "1 busy in another process" in out and held.run_id in out
+    # The lock is gone with its holder: the next start trains the run.
+    manifest = execute("t", [held, free], tmp_path)
+    assert [r["status"] for r in manifest["runs"]] == ["done", "done"]
+    assert "1 already done, 1 to run" in capsys.readouterr().out
+
+
+def test_each_command_analyses_its_own_runs(tmp_path):
+    # A second command into the same folder rewrites manifest.json with its plan; the first
+    # command's analysis reads the runs of its own plan, not the file.
+    first, second = [spec(epochs=1)], [spec(epochs=1, positions=[0])]
+    m1 = execute("t", first, tmp_path)
+    execute("t", second, tmp_path)
+    assert [r["id"] for r in load_results(tmp_path, m1)] == [first[0].run_id]
+    assert [r["id"] for r in load_results(tmp_path)] == [second[0].run_id]
